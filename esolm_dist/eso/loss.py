@@ -1,0 +1,20 @@
+"""The hybrid Eso-LM loss (v4 eq. 7) from per-position negative log-likelihoods."""
+
+from __future__ import annotations
+
+import torch
+
+from esolm_dist.eso.masks import DIFFUSION_PAIR, SEQUENTIAL
+
+
+def hybrid_loss(nll: torch.Tensor, loss_weight: torch.Tensor, kinds: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token NELBO = MDM part (diffusion rows) + AR part (sequential rows).
+
+    ``nll`` [R, 2L] is -log p(target) at every position; positions with weight 0 are ignored
+    (``where``, not a product, so an infinite nll where nothing is predicted cannot leak in).
+    """
+    weighted = torch.where(loss_weight > 0, nll * loss_weight, torch.zeros_like(nll))
+    per_row = weighted.sum(-1)
+    diffusion = per_row[kinds == DIFFUSION_PAIR].sum()
+    sequential = per_row[kinds == SEQUENTIAL].sum()
+    return {"loss": diffusion + sequential, "loss_diffusion": diffusion, "loss_sequential": sequential}

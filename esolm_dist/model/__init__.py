@@ -1,0 +1,1 @@
+"""The Eso-LM transformer, built from megatron-core tensor-parallel layers."""

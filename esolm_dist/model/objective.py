@@ -1,0 +1,32 @@
+"""The training objective: the network plus the hybrid loss, as one module for the engine."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from torch import nn
+
+from esolm_dist.eso.loss import hybrid_loss
+from esolm_dist.eso.masks import RowMaskSpec
+from esolm_dist.eso.rows import EsoRows
+
+
+class EsoObjective(nn.Module):
+    """forward(rows as tensors) -> {"loss", "loss_diffusion", "loss_sequential"} (per-token NELBO)."""
+
+    def __init__(self, network: nn.Module, variant: str, seq_len: int):
+        super().__init__()
+        self.network = network
+        self.variant = variant
+        self.seq_len = seq_len
+
+    def forward(self, tokens, positions, targets, loss_weight, kinds, n_clean) -> dict[str, torch.Tensor]:
+        masks = RowMaskSpec(self.variant, self.seq_len, kinds, n_clean)
+        logits = self.network(tokens, positions, masks)
+        nll = vocab_parallel_cross_entropy(logits.float(), targets)
+        return hybrid_loss(nll, loss_weight, kinds)
+
+
+def row_tensors(rows: EsoRows) -> tuple[torch.Tensor, ...]:
+    """The positional arguments of EsoObjective.forward for a batch of rows."""
+    return rows.tokens, rows.positions, rows.targets, rows.loss_weight, rows.masks.kinds, rows.masks.n_clean

@@ -1,0 +1,60 @@
+"""MLflow logging from one rank: one run per training run, continued on resume."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from esolm_dist.config import RunConfig, flatten, to_dict
+
+
+def _prepare_sqlite_dir(uri: str) -> None:
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+
+class MlflowMonitor:
+    """Logs metrics every N steps; on resume it reopens the run and never logs a step twice."""
+
+    def __init__(self, cfg: RunConfig, run_id: str | None, config_yaml: Path):
+        os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        from mlflow.entities import Metric, Param
+        from mlflow.tracking import MlflowClient
+
+        self._Metric = Metric
+        uri = os.environ.get("MLFLOW_TRACKING_URI", cfg.logging.mlflow_uri)
+        _prepare_sqlite_dir(uri)
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        if run_id is None:
+            experiment = self.client.get_experiment_by_name(cfg.logging.experiment)
+            experiment_id = (experiment.experiment_id if experiment
+                             else self.client.create_experiment(cfg.logging.experiment))
+            name = cfg.logging.run_name or Path(cfg.train.run_dir).name
+            run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+            params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
+            for start in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=params[start:start + 100])
+            self.client.log_artifact(run_id, str(config_yaml))
+            self.resumed_through = -1
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            history = self.client.get_metric_history(run_id, "loss")
+            # Steps the run logged before it was interrupted are recomputed identically after the
+            # resume; they are already in the run, so they are not logged again.
+            self.resumed_through = max((m.step for m in history), default=-1)
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Log metrics at ``step``; steps already in the run from before a resume are skipped."""
+        if step <= self.resumed_through:
+            return
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[self._Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def close(self, finished: bool) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED" if finished else "KILLED")

@@ -1,0 +1,1 @@
+"""Process groups, the DeepSpeed engine, pipeline stages and the CPU compatibility layer."""

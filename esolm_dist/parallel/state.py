@@ -1,0 +1,122 @@
+"""Start the process group (torchrun, SLURM or a single process) and megatron-core's parallel groups."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from esolm_dist.config import ConfigError, ParallelConfig
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this process sits: global rank and its coordinates in the TP x PP x DP grid."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The one rank that logs: DP rank 0, TP rank 0, on the last stage (it holds the loss)."""
+        return self.dp_rank == 0 and self.tp_rank == 0 and self.is_last_stage
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env() -> dict[str, int]:
+    """RANK / WORLD_SIZE / LOCAL_RANK from torchrun, or from SLURM when one task runs per process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"]),
+                "local_rank": int(os.environ.get("LOCAL_RANK", 0))}
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        env = {"rank": int(os.environ["SLURM_PROCID"]), "world_size": int(os.environ["SLURM_NTASKS"]),
+               "local_rank": int(os.environ.get("SLURM_LOCALID", 0))}
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise ConfigError("SLURM launch without torchrun needs MASTER_ADDR and MASTER_PORT set by the batch "
+                              "script (see slurm/train_1b.sh)")
+        return env
+    return {"rank": 0, "world_size": 1, "local_rank": 0}
+
+
+def resolve_device(pcfg: ParallelConfig, local_rank: int) -> torch.device:
+    if pcfg.device == "cuda" or (pcfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("parallel.device=cuda but no CUDA device is visible; use parallel.device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def check_layout(pcfg: ParallelConfig, world_size: int) -> int:
+    """The data-parallel size, or a one-line error when TP x PP does not divide the world size."""
+    model_parallel = pcfg.tensor * pcfg.pipeline
+    if world_size % model_parallel != 0:
+        raise ConfigError(f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline = "
+                          f"{pcfg.tensor} x {pcfg.pipeline}; launch TP x PP x DP processes")
+    return world_size // model_parallel
+
+
+def init_parallel(pcfg: ParallelConfig) -> Topology:
+    """Initialise torch.distributed and megatron-core's TP/PP/DP groups; idempotent."""
+    env = launch_env()
+    device = resolve_device(pcfg, env["local_rank"])
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from esolm_dist.parallel.cpu_compat import apply_cpu_compat
+
+        apply_cpu_compat()
+    dp_size = check_layout(pcfg, env["world_size"])
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # DeepSpeed reads these when it wires itself to our process group.
+        os.environ.update(RANK=str(env["rank"]), WORLD_SIZE=str(env["world_size"]),
+                          LOCAL_RANK=str(env["local_rank"]))
+        backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, rank=env["rank"], world_size=env["world_size"],
+                                timeout=datetime.timedelta(minutes=30))
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=pcfg.tensor,
+                                     pipeline_model_parallel_size=pcfg.pipeline)
+    return Topology(
+        rank=env["rank"], world_size=env["world_size"], local_rank=env["local_rank"],
+        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=pcfg.tensor,
+        pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=pcfg.pipeline,
+        dp_rank=ps.get_data_parallel_rank(), dp_size=dp_size, device=device,
+    )
+
+
+def shutdown_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,297 @@
+"""``esolm-train CONFIG [section.key=value ...]``: train an Eso-LM on one process or many.
+
+    esolm-train                                   # the quickstart: tiny model, CPU, bundled corpus
+    torchrun --nproc_per_node 4 -m esolm_dist.train configs/quickstart.yaml parallel.tensor=2
+
+The loop reads as a list of steps; parallelism lives in esolm_dist.parallel, noise in
+esolm_dist.eso.rows, checkpoints in esolm_dist.checkpoint, logging in esolm_dist.monitor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from esolm_dist import checkpoint
+from esolm_dist.config import ConfigError, RunConfig, load_config, to_dict
+from esolm_dist.data.errors import DataError
+from esolm_dist.ema import EMA
+from esolm_dist.eso.rows import build_rows, noise_generator
+from esolm_dist.flops import device_peak_flops, train_flops_per_row
+from esolm_dist.parallel.state import Topology, init_parallel
+from esolm_dist.signals import StopRequest
+
+BUNDLED = "bundled"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+    mlflow_run_id: str | None = None
+    history: list[dict] = field(default_factory=list)  # per logged step: the metrics (returned to callers)
+
+
+def say(topo: Topology, message: str) -> None:
+    if topo.rank == 0:
+        print(message, flush=True)
+
+
+def prepare_data(cfg: RunConfig, topo: Topology):
+    """Load the tokenizer; build the shards from the corpus on rank 0 when they are missing."""
+    from esolm_dist.data.shards import ensure_shards
+    from esolm_dist.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None if cfg.data.tokenizer == BUNDLED else cfg.data.tokenizer)
+    if topo.rank == 0 and cfg.data.corpus:
+        from esolm_dist.data.corpus import BUNDLED_CORPUS
+
+        paths = [BUNDLED_CORPUS if name == BUNDLED else Path(name) for name in cfg.data.corpus]
+        ensure_shards(paths, tokenizer.path, cfg.model.seq_len, cfg.data.shard_dir, cfg.data.val_fraction)
+    dist.barrier()
+    return tokenizer
+
+
+def make_loader(cfg: RunConfig, topo: Topology, tokenizer, split: str):
+    from esolm_dist.data.loader import build_loader
+
+    return build_loader(cfg.data.shard_dir, split=split, seq_len=cfg.model.seq_len,
+                        micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp_size,
+                        num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                        tokenizer_fingerprint=tokenizer.fingerprint, skip_corrupt=cfg.data.skip_corrupt,
+                        infinite=(split == "train"))
+
+
+def rows_for(x: torch.Tensor, cfg: RunConfig, mask_id: int, generator: torch.Generator, loss_type: str):
+    e = cfg.eso
+    return build_rows(x, alpha0=e.alpha0, kappa=e.kappa, variant=e.variant, loss_type=loss_type, eps=e.eps,
+                      mask_id=mask_id, generator=generator)
+
+
+def dp_mean(values: torch.Tensor) -> torch.Tensor:
+    """Average over the data-parallel group (every replica holds the same model)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(values, group=ps.get_data_parallel_group())
+        values /= ps.get_data_parallel_world_size()
+    return values
+
+
+class Trainer:
+    """Builds everything once; ``fit()`` runs the loop until max_steps or a stop signal."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.topo = init_parallel(cfg.parallel)
+        say(self.topo, "esolm-train: resolved config\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        checkpoint.ensure_writable(cfg.train.run_dir)
+        self.tokenizer = prepare_data(cfg, self.topo)
+        self.mask_id = self.tokenizer.mask_id
+        self.engine, self.network = self._build_engine()
+        self.ema = EMA(self.engine.module, cfg.optim.ema) if cfg.optim.ema > 0 else None
+        self.train_loader = make_loader(cfg, self.topo, self.tokenizer, "train")
+        self.state = TrainState()
+        self.accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.topo.dp_size)
+        rows_per_micro = self._rows_per_micro_batch()
+        self.flops_per_step = (train_flops_per_row(cfg.model, self.network.vocab_size, 2 * cfg.model.seq_len)
+                               * rows_per_micro * self.accumulation * self.topo.dp_size)
+        self.peak_flops, self.peak_source = device_peak_flops(self.topo.device)
+        self.monitor = None
+
+    def _build_engine(self):
+        from esolm_dist.model.objective import EsoObjective
+        from esolm_dist.model.transformer import EsoTransformer
+        from esolm_dist.parallel.engine import build_engine
+
+        cfg = self.cfg
+        dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank, for any TP degree
+        network = EsoTransformer(cfg.model, self.tokenizer.vocab_size, self.mask_id, dtype)
+        network.checkpoint_activations = cfg.parallel.activation_checkpointing
+        objective = EsoObjective(network, cfg.eso.variant, cfg.model.seq_len).to(self.topo.device)
+        engine = build_engine(objective, cfg, self.topo.dp_size)
+        torch.manual_seed(cfg.train.seed + 7919 * self.topo.dp_rank)  # dropout differs across replicas
+        return engine, network
+
+    def _rows_per_micro_batch(self) -> int:
+        n_diffusion = round(self.cfg.train.micro_batch_size * self.cfg.eso.kappa)
+        return n_diffusion // 2 + (self.cfg.train.micro_batch_size - n_diffusion)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def resume(self) -> None:
+        latest = checkpoint.find_latest(self.cfg.train.run_dir) if self.cfg.train.resume else None
+        if latest is None:
+            return
+        meta, rank_state = checkpoint.load(self.engine, latest, self.topo)
+        self.state.step = meta["step"]
+        self.state.consumed_samples = meta["consumed_samples"]
+        self.state.mlflow_run_id = meta.get("mlflow_run_id")
+        checkpoint.set_rng_state(rank_state["rng"])
+        self.train_loader.load_state_dict(rank_state["data"])
+        if self.ema is not None and rank_state.get("ema") is not None:
+            self.ema.load_state_dict(rank_state["ema"])
+        say(self.topo, f"esolm-train: resumed from {latest} at step {self.state.step}")
+
+    def save(self) -> Path:
+        meta = {"consumed_samples": self.state.consumed_samples, "mlflow_run_id": self.state.mlflow_run_id,
+                "config": to_dict(self.cfg), "tokenizer_vocab": self.tokenizer.vocab_size, "mask_id": self.mask_id}
+        rank_state = {"rng": checkpoint.rng_state(), "data": self.train_loader.state_dict(),
+                      "ema": self.ema.state_dict() if self.ema is not None else None}
+        path = checkpoint.save(self.engine, self.cfg.train.run_dir, self.state.step, meta, rank_state, self.topo,
+                               self.cfg.train.keep_last)
+        say(self.topo, f"esolm-train: saved {path}")
+        return path
+
+    # ---- steps ------------------------------------------------------------------------------------
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step over ``accumulation`` micro-batches; returns DP-averaged metrics."""
+        cfg, topo = self.cfg, self.topo
+        sums = torch.zeros(3, device=topo.device)
+        for micro, x in zip(range(self.accumulation), batches):
+            generator = noise_generator(cfg.train.seed, self.state.step, micro, topo.dp_rank)
+            rows = rows_for(x, cfg, self.mask_id, generator, cfg.eso.loss_type).to(topo.device)
+            out = self.engine(*_row_tensors(rows))
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            sums += torch.stack([out["loss"], out["loss_diffusion"], out["loss_sequential"]]).detach()
+        if self.ema is not None:
+            self.ema.update(self.engine.module)
+        means = dp_mean(sums / self.accumulation).tolist()
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"loss": means[0], "loss_diffusion": means[1], "loss_sequential": means[2],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "lr": self.engine.get_lr()[0]}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Validation NELBO per token (ELBO weights, fixed noise: comparable across evaluations)."""
+        cfg, topo = self.cfg, self.topo
+        self.engine.eval()
+        total, batches = torch.zeros(1, device=topo.device), 0
+        for index, x in zip(range(cfg.train.eval_batches), make_loader(cfg, topo, self.tokenizer, "val")):
+            generator = noise_generator(cfg.train.seed, -1, index, topo.dp_rank)
+            rows = rows_for(x, cfg, self.mask_id, generator, "elbo").to(topo.device)
+            total += self.engine(*_row_tensors(rows))["loss"].detach()
+            batches += 1
+        self.engine.train()
+        if batches == 0:
+            raise ConfigError(f"the validation split in {cfg.data.shard_dir} is empty; raise data.val_fraction")
+        return float(dp_mean(total / batches))
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> TrainState:
+        cfg, topo, state = self.cfg, self.topo, self.state
+        self.resume()
+        if topo.is_logging_rank:
+            from esolm_dist.monitor import MlflowMonitor
+
+            config_file = Path(cfg.train.run_dir) / "config.yaml"
+            config_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            self.monitor = MlflowMonitor(cfg, state.mlflow_run_id, config_file)
+            state.mlflow_run_id = self.monitor.run_id
+        run_ids = [state.mlflow_run_id]
+        dist.broadcast_object_list(run_ids, src=_logging_rank(topo))
+        state.mlflow_run_id = run_ids[0]
+        say(topo, f"esolm-train: MLflow run {state.mlflow_run_id} at "
+                  f"{self.monitor.uri if self.monitor else cfg.logging.mlflow_uri}; "
+                  f"MFU peak: {self.peak_source}")
+        stop = StopRequest(topo.device)
+        batches = iter(self.train_loader)
+        samples_per_step = cfg.train.global_batch_size
+        tokens_per_step = samples_per_step * cfg.model.seq_len
+        window_start, window_steps = time.perf_counter(), 0
+        saved_at = state.step
+        while state.step < cfg.train.max_steps:
+            metrics = self.train_step(batches)
+            state.step += 1
+            state.consumed_samples += samples_per_step
+            window_steps += 1
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss is {metrics['loss']} at step {state.step}; lower optim.lr or "
+                                         f"check the data in {cfg.data.shard_dir}")
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics["tokens_per_s"] = tokens_per_step * window_steps / elapsed
+                if self.peak_flops:
+                    metrics["mfu"] = self.flops_per_step * window_steps / elapsed / (self.peak_flops * topo.world_size)
+                if topo.device.type == "cuda":
+                    metrics["memory_gb"] = torch.cuda.max_memory_allocated(topo.device) / 2**30
+                self._record(metrics)
+                say(topo, f"step {state.step:>6} loss {metrics['loss']:.4f} (mdm {metrics['loss_diffusion']:.4f} "
+                          f"ar {metrics['loss_sequential']:.4f}) lr {metrics['lr']:.2e} "
+                          f"gnorm {metrics['grad_norm']:.3f} {metrics['tokens_per_s']:.0f} tok/s "
+                          f"network={self.network.last_backend}")
+                window_start, window_steps = time.perf_counter(), 0
+            if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps:
+                val = self.evaluate()
+                self._record({"val_nelbo": val, "val_ppl_bound": math.exp(min(val, 50.0))})
+                say(topo, f"step {state.step:>6} validation NELBO/token {val:.4f}")
+            stopping = stop.agreed()
+            if state.step % cfg.train.save_every == 0 or state.step == cfg.train.max_steps or stopping:
+                self.save()
+                saved_at = state.step
+            if stopping:
+                say(topo, f"esolm-train: stop signal received; saved step {saved_at} and exiting")
+                break
+        finished = state.step >= cfg.train.max_steps
+        if self.monitor is not None:
+            self.monitor.close(finished=finished)
+        say(topo, f"esolm-train: {'finished' if finished else 'stopped'} at step {state.step}; checkpoint "
+                  f"{checkpoint.checkpoint_root(cfg.train.run_dir) / checkpoint.tag_for(saved_at)}; "
+                  f"MLflow run {state.mlflow_run_id} ({cfg.logging.mlflow_uri}; `mlflow ui --backend-store-uri "
+                  f"{cfg.logging.mlflow_uri}`)")
+        return state
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        self.state.history.append({"step": self.state.step, **metrics})
+        if self.monitor is not None:
+            self.monitor.log(metrics, self.state.step)
+
+
+def _row_tensors(rows):
+    from esolm_dist.model.objective import row_tensors
+
+    return row_tensors(rows)
+
+
+def _logging_rank(topo: Topology) -> int:
+    """Global rank of DP 0 / TP 0 on the last pipeline stage (megatron's order: TP fastest, then DP, then PP)."""
+    return topo.tp_size * topo.dp_size * (topo.pp_size - 1)
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(
+        prog="esolm-train",
+        description="Train an Eso-LM. With no CONFIG, trains the quickstart model on CPU on the bundled corpus.",
+        epilog="Overrides: section.key=value, e.g. train.max_steps=100 parallel.tensor=2 eso.alpha0=0.125")
+    parser.add_argument("config", nargs="?", help="YAML run config (configs/*.yaml); default: the quickstart")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides applied after the file")
+    args = parser.parse_args(argv)
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)
+        args.config = None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        Trainer(cfg).fit()
+    except (ConfigError, checkpoint.CheckpointError, DataError) as exc:
+        print(f"esolm-train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

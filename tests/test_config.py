@@ -1,0 +1,67 @@
+"""Config: typed, validated once, one-line errors naming the key; the quickstart file equals the defaults."""
+
+from pathlib import Path
+
+import pytest
+
+from esolm_dist.config import ConfigError, RunConfig, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_file_equals_builtin_defaults():
+    assert to_dict(load_config(REPO / "configs" / "quickstart.yaml")) == to_dict(RunConfig())
+
+
+@pytest.mark.parametrize("name", ["quickstart", "small", "1b"])
+def test_shipped_configs_validate(name):
+    load_config(REPO / "configs" / f"{name}.yaml")
+
+
+def test_small_config_is_the_papers_model():
+    cfg = load_config(REPO / "configs" / "small.yaml")
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    assert (m.num_layers, m.hidden_size, m.num_heads, m.seq_len) == (12, 768, 12, 1024)
+    assert (o.lr, o.warmup_steps, t.global_batch_size, o.ema) == (3e-4, 2500, 512, 0.9999)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eso.variant=C"], "'eso.variant' is 'C'; allowed values: A, B"),
+    (["model.hiden_size=64"], "unknown config key 'model.hiden_size'"),
+    (["model.hidden_size=abc"], "'model.hidden_size' must be an integer"),
+    (["model.hidden_size=130"], "divisible by model.num_heads"),
+    (["eso.alpha0=1.5"], "'eso.alpha0' must be in [0, 1]"),
+    (["train.micro_batch_size=6"], "must be an even integer"),
+    (["train.global_batch_size=20"], "multiple of train.micro_batch_size"),
+    (["parallel.tensor=3"], "divisible by parallel.tensor"),
+    (["parallel.pipeline=3"], "model.num_layers (4) must be divisible by parallel.pipeline (3)"),
+    (["parallel.pipeline=2", "parallel.zero_stage=2"], "DeepSpeed supports only ZeRO-0/1 with pipeline"),
+    (["parallel.zero_stage=4"], "allowed values: 0, 1, 2, 3"),
+    (["train.max_steps"], "must look like section.key=value"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listy)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["eso.alpha0=0.125", "parallel.cpu_offload=true", "parallel.zero_stage=1",
+                             "data.corpus=a,b"])
+    assert cfg.eso.alpha0 == 0.125 and cfg.parallel.cpu_offload is True and cfg.data.corpus == ["a", "b"]
+    assert cfg.eso.kappa == 0.5
+    assert load_config(None, ["eso.alpha0=1"]).eso.kappa == 1.0
