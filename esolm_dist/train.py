@@ -26,6 +26,7 @@ from esolm_dist.data.errors import DataError
 from esolm_dist.ema import EMA
 from esolm_dist.eso.rows import build_rows, noise_generator
 from esolm_dist.flops import device_peak_flops, train_flops_per_row
+from esolm_dist.parallel.engine import tensor_parallel_grad_norm
 from esolm_dist.parallel.state import Topology, init_parallel
 from esolm_dist.signals import StopRequest
 
@@ -156,20 +157,23 @@ class Trainer:
         """One optimizer step over ``accumulation`` micro-batches; returns DP-averaged metrics."""
         cfg, topo = self.cfg, self.topo
         sums = torch.zeros(3, device=topo.device)
-        for micro, x in zip(range(self.accumulation), batches):
+        grad_norm = None
+        for micro in range(self.accumulation):
             generator = noise_generator(cfg.train.seed, self.state.step, micro, topo.dp_rank)
-            rows = rows_for(x, cfg, self.mask_id, generator, cfg.eso.loss_type).to(topo.device)
+            rows = rows_for(next(batches), cfg, self.mask_id, generator, cfg.eso.loss_type).to(topo.device)
             out = self.engine(*_row_tensors(rows))
             self.engine.backward(out["loss"])
+            if micro == self.accumulation - 1 and cfg.parallel.zero_stage == 0:
+                grad_norm = tensor_parallel_grad_norm(self.engine.module)  # before clipping, like ZeRO's
             self.engine.step()
             sums += torch.stack([out["loss"], out["loss_diffusion"], out["loss_sequential"]]).detach()
         if self.ema is not None:
             self.ema.update(self.engine.module)
         means = dp_mean(sums / self.accumulation).tolist()
-        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         return {"loss": means[0], "loss_diffusion": means[1], "loss_sequential": means[2],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "lr": self.engine.get_lr()[0]}
+                "grad_norm": float(grad_norm), "lr": self.engine.get_lr()[0]}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -210,6 +214,8 @@ class Trainer:
         tokens_per_step = samples_per_step * cfg.model.seq_len
         window_start, window_steps = time.perf_counter(), 0
         saved_at = state.step
+        if state.step == 0:  # the baseline every later evaluation is compared with
+            self._evaluate_and_record()
         while state.step < cfg.train.max_steps:
             metrics = self.train_step(batches)
             state.step += 1
@@ -232,13 +238,13 @@ class Trainer:
                           f"network={self.network.last_backend}")
                 window_start, window_steps = time.perf_counter(), 0
             if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps:
-                val = self.evaluate()
-                self._record({"val_nelbo": val, "val_ppl_bound": math.exp(min(val, 50.0))})
-                say(topo, f"step {state.step:>6} validation NELBO/token {val:.4f}")
+                self._evaluate_and_record()
+                window_start = time.perf_counter()  # throughput counts training time only
             stopping = stop.agreed()
             if state.step % cfg.train.save_every == 0 or state.step == cfg.train.max_steps or stopping:
                 self.save()
                 saved_at = state.step
+                window_start = time.perf_counter()
             if stopping:
                 say(topo, f"esolm-train: stop signal received; saved step {saved_at} and exiting")
                 break
@@ -250,6 +256,17 @@ class Trainer:
                   f"MLflow run {state.mlflow_run_id} ({cfg.logging.mlflow_uri}; `mlflow ui --backend-store-uri "
                   f"{cfg.logging.mlflow_uri}`)")
         return state
+
+    @staticmethod
+    def last_run_id_of(run_dir: str | Path) -> str | None:
+        """The MLflow run id recorded in a run directory's latest checkpoint (None before the first save)."""
+        latest = checkpoint.find_latest(run_dir)
+        return checkpoint.read_meta(latest).get("mlflow_run_id") if latest else None
+
+    def _evaluate_and_record(self) -> None:
+        val = self.evaluate()
+        self._record({"val_nelbo": val, "val_ppl_bound": math.exp(min(val, 50.0))})
+        say(self.topo, f"step {self.state.step:>6} validation NELBO/token {val:.4f}")
 
     def _record(self, metrics: dict[str, float]) -> None:
         self.state.history.append({"step": self.state.step, **metrics})

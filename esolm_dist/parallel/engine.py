@@ -45,6 +45,26 @@ class MegatronMPU:
         return torch.distributed.get_process_group_ranks(ps.get_data_parallel_group())
 
 
+def mark_tensor_parallel_params(module: torch.nn.Module) -> None:
+    """DeepSpeed's clipping counts a parameter on every TP rank only if ``model_parallel`` is set;
+    megatron-core marks its shards ``tensor_model_parallel``. Replicated ones count once."""
+    for param in module.parameters():
+        if getattr(param, "tensor_model_parallel", False):
+            param.model_parallel = True
+
+
+def tensor_parallel_grad_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the (DP-reduced) gradients: TP shards summed over the model-parallel group,
+    replicated parameters counted once. For ZeRO-0, where DeepSpeed does not report the norm."""
+    first_tp_rank = ps.get_tensor_model_parallel_rank() == 0
+    squares = [p.grad.detach().float().square().sum() for p in module.parameters()
+               if p.grad is not None and (first_tp_rank or getattr(p, "model_parallel", False))]
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    if torch.distributed.get_world_size(ps.get_model_parallel_group()) > 1:
+        torch.distributed.all_reduce(total, group=ps.get_model_parallel_group())
+    return float(total.sqrt())
+
+
 def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
     """The DeepSpeed JSON for this run (batch sizes are per DP replica and global)."""
     t, p = cfg.train, cfg.parallel
@@ -106,6 +126,7 @@ def build_engine(module: torch.nn.Module, cfg: RunConfig, dp_size: int):
 
     quiet_deepspeed()
     check_batch_layout(cfg, dp_size)
+    mark_tensor_parallel_params(module)
     o = cfg.optim
     optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.adam_eps,
                                   weight_decay=o.weight_decay)
