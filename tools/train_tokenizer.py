@@ -1,0 +1,48 @@
+"""Train the project's byte-level BPE tokenizer on a corpus (default: the bundled KJV corpus).
+
+Special tokens come first: id 0 = <|endoftext|> (EOS), id 1 = [MASK] (the diffusion mask).
+
+    python tools/train_tokenizer.py                       # rewrites the bundled tokenizer
+    python tools/train_tokenizer.py --input my_corpus/ --vocab-size 32768 --out tok.json
+"""
+
+import argparse
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from esolm_dist.data.corpus import BUNDLED_CORPUS, find_corpus_files, iter_documents
+from esolm_dist.data.tokenizer import BUNDLED_TOKENIZER, EOS_TOKEN, MASK_TOKEN, load_tokenizer
+
+
+def train_byte_level_bpe(documents, vocab_size: int) -> Tokenizer:
+    """A GPT-2 style byte-level BPE (no prefix space) trained on an iterable of texts."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, MASK_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    return tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", nargs="+", default=[BUNDLED_CORPUS],
+                        help="corpus files or directories (.txt/.jsonl, optionally .gz)")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=BUNDLED_TOKENIZER)
+    args = parser.parse_args()
+    tokenizer = train_byte_level_bpe(iter_documents(find_corpus_files(args.input)),
+                                     args.vocab_size)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(args.out))
+    print(load_tokenizer(args.out))
+
+
+if __name__ == "__main__":
+    main()
