@@ -297,6 +297,9 @@ def validate(cfg: RunConfig) -> None:
            f"parallel.zero_stage={p.zero_stage} cannot be combined with parallel.pipeline={p.pipeline}: DeepSpeed "
            "supports only ZeRO-0/1 with pipeline parallelism; use zero_stage=1")
     _check(not (p.cpu_offload and p.zero_stage == 0), "parallel.cpu_offload needs parallel.zero_stage >= 1")
+    _check(not (p.precision == "bf16" and p.zero_stage == 0),
+           "parallel.precision=bf16 needs parallel.zero_stage >= 1 (DeepSpeed's ZeRO-0 bf16 path takes an extra "
+           "optimizer step at start)")
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -26,7 +26,6 @@ from esolm_dist.data.errors import DataError
 from esolm_dist.ema import EMA
 from esolm_dist.eso.rows import build_rows, noise_generator
 from esolm_dist.flops import device_peak_flops, train_flops_per_row
-from esolm_dist.parallel.engine import tensor_parallel_grad_norm
 from esolm_dist.parallel.state import Topology, init_parallel
 from esolm_dist.signals import StopRequest
 
@@ -41,8 +40,9 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # per logged step: the metrics (returned to callers)
 
 
-def say(topo: Topology, message: str) -> None:
-    if topo.rank == 0:
+def say(topo: Topology, message: str, from_logging_rank: bool = False) -> None:
+    """Print once: from global rank 0, or from the rank that holds the loss (last pipeline stage)."""
+    if (topo.is_logging_rank if from_logging_rank else topo.rank == 0):
         print(message, flush=True)
 
 
@@ -112,14 +112,21 @@ class Trainer:
         from esolm_dist.model.objective import EsoObjective
         from esolm_dist.model.transformer import EsoTransformer
         from esolm_dist.parallel.engine import build_engine
+        from esolm_dist.parallel.pipeline import build_pipeline
 
-        cfg = self.cfg
+        cfg, topo = self.cfg, self.topo
         dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank, for any TP degree
-        network = EsoTransformer(cfg.model, self.tokenizer.vocab_size, self.mask_id, dtype)
-        network.checkpoint_activations = cfg.parallel.activation_checkpointing
-        objective = EsoObjective(network, cfg.eso.variant, cfg.model.seq_len).to(self.topo.device)
-        engine = build_engine(objective, cfg, self.topo.dp_size)
+        if topo.pp_size > 1:
+            network = build_pipeline(cfg.model, self.tokenizer.vocab_size, self.mask_id, dtype, cfg.train.seed,
+                                     cfg.eso.variant, topo.tp_size, topo.pp_size, topo.dp_size,
+                                     cfg.parallel.activation_checkpointing)
+            module = network.to(topo.device)
+        else:
+            network = EsoTransformer(cfg.model, self.tokenizer.vocab_size, self.mask_id, dtype,
+                                     init_seed=cfg.train.seed)
+            network.checkpoint_activations = cfg.parallel.activation_checkpointing
+            module = EsoObjective(network, cfg.eso.variant, cfg.model.seq_len).to(topo.device)
+        engine = build_engine(module, cfg, topo.dp_size)
         torch.manual_seed(cfg.train.seed + 7919 * self.topo.dp_rank)  # dropout differs across replicas
         return engine, network
 
@@ -153,43 +160,59 @@ class Trainer:
         return path
 
     # ---- steps ------------------------------------------------------------------------------------
+    def micro_batch_rows(self, batches, step: int, loss_type: str):
+        """The rows of each micro-batch; noise keyed by (seed, step, micro-batch, DP rank)."""
+        cfg, topo = self.cfg, self.topo
+        for micro, x in enumerate(batches):
+            generator = noise_generator(cfg.train.seed, step, micro, topo.dp_rank)
+            yield rows_for(x, cfg, self.mask_id, generator, loss_type).to(topo.device)
+
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step over ``accumulation`` micro-batches; returns DP-averaged metrics."""
         cfg, topo = self.cfg, self.topo
-        sums = torch.zeros(3, device=topo.device)
-        grad_norm = None
-        for micro in range(self.accumulation):
-            generator = noise_generator(cfg.train.seed, self.state.step, micro, topo.dp_rank)
-            rows = rows_for(next(batches), cfg, self.mask_id, generator, cfg.eso.loss_type).to(topo.device)
-            out = self.engine(*_row_tensors(rows))
-            self.engine.backward(out["loss"])
-            if micro == self.accumulation - 1 and cfg.parallel.zero_stage == 0:
-                grad_norm = tensor_parallel_grad_norm(self.engine.module)  # before clipping, like ZeRO's
-            self.engine.step()
-            sums += torch.stack([out["loss"], out["loss_diffusion"], out["loss_sequential"]]).detach()
+        step_batches = (next(batches) for _ in range(self.accumulation))
+        rows = self.micro_batch_rows(step_batches, self.state.step, cfg.eso.loss_type)
+        if topo.pp_size > 1:
+            from esolm_dist.parallel.pipeline import pipeline_inputs
+
+            # only the first and last stage draw micro-batches (and so advance their readers)
+            self.engine.train_batch(data_iter=(pipeline_inputs(r) for r in rows))
+            parts = self.engine.module.loss_fn.take()
+            sums = parts if parts is not None else torch.zeros(3, device=topo.device)
+        else:
+            sums = torch.zeros(3, device=topo.device)
+            for micro_rows in rows:
+                out = self.engine(*_row_tensors(micro_rows))
+                self.engine.backward(out["loss"])
+                self.engine.step()
+                sums += torch.stack([out["loss"], out["loss_diffusion"], out["loss_sequential"]]).detach()
+            sums /= self.accumulation
         if self.ema is not None:
             self.ema.update(self.engine.module)
-        means = dp_mean(sums / self.accumulation).tolist()
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
+        means = dp_mean(sums).tolist()
         return {"loss": means[0], "loss_diffusion": means[1], "loss_sequential": means[2],
-                "grad_norm": float(grad_norm), "lr": self.engine.get_lr()[0]}
+                "grad_norm": self.engine.grad_norm(), "lr": self.engine.get_lr()[0]}
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Validation NELBO per token (ELBO weights, fixed noise: comparable across evaluations)."""
         cfg, topo = self.cfg, self.topo
-        self.engine.eval()
-        total, batches = torch.zeros(1, device=topo.device), 0
-        for index, x in zip(range(cfg.train.eval_batches), make_loader(cfg, topo, self.tokenizer, "val")):
-            generator = noise_generator(cfg.train.seed, -1, index, topo.dp_rank)
-            rows = rows_for(x, cfg, self.mask_id, generator, "elbo").to(topo.device)
-            total += self.engine(*_row_tensors(rows))["loss"].detach()
-            batches += 1
-        self.engine.train()
-        if batches == 0:
+        val = list(zip(range(cfg.train.eval_batches), make_loader(cfg, topo, self.tokenizer, "val")))
+        if not val:
             raise ConfigError(f"the validation split in {cfg.data.shard_dir} is empty; raise data.val_fraction")
-        return float(dp_mean(total / batches))
+        rows = self.micro_batch_rows((x for _, x in val), -1, "elbo")
+        self.engine.eval()
+        if topo.pp_size > 1:
+            from esolm_dist.parallel.pipeline import pipeline_inputs
+
+            # DeepSpeed averages over micro-batches and DP and broadcasts to every stage
+            mean = self.engine.eval_batch(data_iter=(pipeline_inputs(r) for r in rows), num_micro_batches=len(val))
+            self.engine.module.loss_fn.take()
+            self.engine.train()
+            return float(mean)
+        total = sum(self.engine(*_row_tensors(r))["loss"].detach() for r in rows)
+        self.engine.train()
+        return float(dp_mean(total / len(val)))
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -235,7 +258,7 @@ class Trainer:
                 say(topo, f"step {state.step:>6} loss {metrics['loss']:.4f} (mdm {metrics['loss_diffusion']:.4f} "
                           f"ar {metrics['loss_sequential']:.4f}) lr {metrics['lr']:.2e} "
                           f"gnorm {metrics['grad_norm']:.3f} {metrics['tokens_per_s']:.0f} tok/s "
-                          f"network={self.network.last_backend}")
+                          f"attention={self.attention_backend()}", from_logging_rank=True)
                 window_start, window_steps = time.perf_counter(), 0
             if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps:
                 self._evaluate_and_record()
@@ -257,6 +280,11 @@ class Trainer:
                   f"{cfg.logging.mlflow_uri}`)")
         return state
 
+    def attention_backend(self) -> str:
+        """The kernel the last forward pass used (on this rank's stage)."""
+        plans = getattr(self.network, "plans", None)
+        return plans.backend if plans is not None else self.network.last_backend
+
     @staticmethod
     def last_run_id_of(run_dir: str | Path) -> str | None:
         """The MLflow run id recorded in a run directory's latest checkpoint (None before the first save)."""
@@ -266,7 +294,7 @@ class Trainer:
     def _evaluate_and_record(self) -> None:
         val = self.evaluate()
         self._record({"val_nelbo": val, "val_ppl_bound": math.exp(min(val, 50.0))})
-        say(self.topo, f"step {self.state.step:>6} validation NELBO/token {val:.4f}")
+        say(self.topo, f"step {self.state.step:>6} validation NELBO/token {val:.4f}", from_logging_rank=True)
 
     def _record(self, metrics: dict[str, float]) -> None:
         self.state.history.append({"step": self.state.step, **metrics})

@@ -14,6 +14,7 @@ cut it anywhere without the model knowing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -45,6 +46,15 @@ def megatron_config(tp_size: int, dtype: torch.dtype) -> ModelParallelConfig:
         gradient_accumulation_fusion=False,
         sequence_parallel=False,
     )
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int, index: int):
+    """Initialise one component (embedding = 0, block i = i + 1, head = L + 1) from its own seed,
+    so its weights are the same whichever pipeline stage builds it and whatever was built before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 100_003 + index)
+        yield
 
 
 def _normal_init(std: float):
@@ -128,20 +138,35 @@ class Head(nn.Module):
         return logits.masked_fill(self.blocked, float("-inf"))
 
 
+class NetworkParts:
+    """What every component needs to know: padded vocabulary, ids never predicted, megatron config."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer_vocab: int, mask_id: int, dtype: torch.dtype):
+        tp = ps.get_tensor_model_parallel_world_size()
+        self.vocab_size = padded_vocab_size(tokenizer_vocab, cfg.vocab_pad_multiple * tp)
+        self.never_predict = [mask_id, *range(tokenizer_vocab, self.vocab_size)]
+        self.mp_config = megatron_config(tp, dtype)
+
+
 class EsoTransformer(nn.Module):
     """Embedding -> blocks -> head. ``forward`` returns vocab-parallel logits [R, S, V / TP]."""
 
-    def __init__(self, cfg: ModelConfig, tokenizer_vocab: int, mask_id: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, tokenizer_vocab: int, mask_id: int, dtype: torch.dtype = torch.float32,
+                 init_seed: int = 0):
         super().__init__()
-        tp = ps.get_tensor_model_parallel_world_size()
         self.cfg = cfg
         self.mask_id = mask_id
-        self.vocab_size = padded_vocab_size(tokenizer_vocab, cfg.vocab_pad_multiple * tp)
-        mp_config = megatron_config(tp, dtype)
-        never_predict = [mask_id, *range(tokenizer_vocab, self.vocab_size)]
-        self.embedding = Embedding(cfg, self.vocab_size, mp_config)
-        self.blocks = nn.ModuleList(Block(cfg, mp_config) for _ in range(cfg.num_layers))
-        self.head = Head(cfg, self.vocab_size, never_predict, mp_config)
+        parts = NetworkParts(cfg, tokenizer_vocab, mask_id, dtype)
+        self.vocab_size = parts.vocab_size
+        with seeded_init(init_seed, 0):
+            self.embedding = Embedding(cfg, self.vocab_size, parts.mp_config)
+        blocks = []
+        for index in range(cfg.num_layers):
+            with seeded_init(init_seed, index + 1):
+                blocks.append(Block(cfg, parts.mp_config))
+        self.blocks = nn.ModuleList(blocks)
+        with seeded_init(init_seed, cfg.num_layers + 1):
+            self.head = Head(cfg, self.vocab_size, parts.never_predict, parts.mp_config)
         self.last_backend = ""
         self.checkpoint_activations = False  # recompute each block in backward (parallel.activation_checkpointing)
 

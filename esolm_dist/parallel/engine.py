@@ -45,24 +45,49 @@ class MegatronMPU:
         return torch.distributed.get_process_group_ranks(ps.get_data_parallel_group())
 
 
-def mark_tensor_parallel_params(module: torch.nn.Module) -> None:
-    """DeepSpeed's clipping counts a parameter on every TP rank only if ``model_parallel`` is set;
-    megatron-core marks its shards ``tensor_model_parallel``. Replicated ones count once."""
-    for param in module.parameters():
-        if getattr(param, "tensor_model_parallel", False):
-            param.model_parallel = True
+def mark_norm_owners(module: torch.nn.Module) -> None:
+    """Make every gradient count exactly once in the global norm used for clipping.
 
-
-def tensor_parallel_grad_norm(module: torch.nn.Module) -> float:
-    """Global L2 norm of the (DP-reduced) gradients: TP shards summed over the model-parallel group,
-    replicated parameters counted once. For ZeRO-0, where DeepSpeed does not report the norm."""
+    DeepSpeed counts a parameter if ``model_parallel`` is set on it, else only on rank 0 of its
+    model-parallel group, which spans TP x PP: replicated parameters (LayerNorms, row-parallel
+    biases) of every stage but the first would be left out. So: TP shards count on every rank,
+    replicated parameters on TP rank 0 of each stage.
+    """
     first_tp_rank = ps.get_tensor_model_parallel_rank() == 0
+    for param in module.parameters():
+        param.model_parallel = bool(getattr(param, "tensor_model_parallel", False)) or first_tp_rank
+
+
+def global_grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of the (DP-reduced) gradients over the whole model: all TP shards, all stages."""
     squares = [p.grad.detach().float().square().sum() for p in module.parameters()
-               if p.grad is not None and (first_tp_rank or getattr(p, "model_parallel", False))]
-    total = torch.stack(squares).sum() if squares else torch.zeros(())
+               if p.grad is not None and p.model_parallel]
+    total = torch.stack(squares).sum() if squares else torch.zeros((), device=next(module.parameters()).device)
     if torch.distributed.get_world_size(ps.get_model_parallel_group()) > 1:
         torch.distributed.all_reduce(total, group=ps.get_model_parallel_group())
-    return float(total.sqrt())
+    return total.sqrt()
+
+
+class ClipBeforeStep:
+    """ZeRO-0: clip by the global norm right before the optimizer step and remember the norm.
+
+    DeepSpeed's ZeRO-0 path neither reports the norm nor clips pipeline-parallel models over
+    all stages; at this point the gradients are already averaged over the DP group.
+    """
+
+    def __init__(self, module: torch.nn.Module, max_norm: float):
+        self.module = module
+        self.max_norm = max_norm
+        self.last_norm = float("nan")
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        norm = global_grad_norm(self.module)
+        self.last_norm = float(norm)
+        if self.max_norm > 0:
+            scale = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+            for param in self.module.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(scale)
 
 
 def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
@@ -76,8 +101,8 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        # 0.19.8 defaults to 1.0 when unset: always set it (0.0 = off).
-        "gradient_clipping": cfg.optim.grad_clip,
+        # 0.19.8 defaults to 1.0 when unset: always set it (0.0 = off). ZeRO-0 clips in ClipBeforeStep.
+        "gradient_clipping": cfg.optim.grad_clip if p.zero_stage > 0 else 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": p.precision == "bf16"},
@@ -120,18 +145,28 @@ def quiet_deepspeed() -> None:
 
 
 def build_engine(module: torch.nn.Module, cfg: RunConfig, dp_size: int):
-    """deepspeed.initialize with our optimizer, schedule and mpu; returns the engine."""
+    """deepspeed.initialize with our optimizer, schedule and process groups; returns the engine.
+
+    A PipelineModule brings its own grid (same rank order as megatron-core); other modules get
+    ``mpu``. ``engine.grad_norm()`` reports the global gradient norm of the last step.
+    """
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     import deepspeed
 
     quiet_deepspeed()
     check_batch_layout(cfg, dp_size)
-    mark_tensor_parallel_params(module)
+    mark_norm_owners(module)
     o = cfg.optim
     optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.adam_eps,
                                   weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    clip = None
+    if cfg.parallel.zero_stage == 0:
+        clip = ClipBeforeStep(module, o.grad_clip)
+        optimizer.register_step_pre_hook(clip)
+    is_pipeline = isinstance(module, deepspeed.pipe.PipelineModule)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, dp_size), mpu=MegatronMPU(),
-                                           dist_init_required=False)
+                                           config=deepspeed_config(cfg, dp_size),
+                                           mpu=None if is_pipeline else MegatronMPU(), dist_init_required=False)
+    engine.grad_norm = (lambda: clip.last_norm) if clip else (lambda: float(engine.get_global_grad_norm()))
     return engine

@@ -82,7 +82,8 @@ def check_layout(pcfg: ParallelConfig, world_size: int) -> int:
 
 
 def init_parallel(pcfg: ParallelConfig) -> Topology:
-    """Initialise torch.distributed and megatron-core's TP/PP/DP groups; idempotent."""
+    """Initialise torch.distributed and megatron-core's TP/PP/DP groups; idempotent for the same layout
+    (another layout needs :func:`reset_model_parallel` first)."""
     env = launch_env()
     device = resolve_device(pcfg, env["local_rank"])
     if device.type == "cpu":
@@ -100,11 +101,19 @@ def init_parallel(pcfg: ParallelConfig) -> Topology:
         backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, rank=env["rank"], world_size=env["world_size"],
                                 timeout=datetime.timedelta(minutes=30))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)  # DeepSpeed's comm over ours
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=pcfg.tensor,
                                      pipeline_model_parallel_size=pcfg.pipeline)
+    current = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+    if current != (pcfg.tensor, pcfg.pipeline):
+        raise RuntimeError(f"megatron-core's groups are already set up for TP x PP = {current[0]} x {current[1]}, "
+                           f"not {pcfg.tensor} x {pcfg.pipeline}; call reset_model_parallel() before switching "
+                           "layouts in one process")
     return Topology(
         rank=env["rank"], world_size=env["world_size"], local_rank=env["local_rank"],
         tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=pcfg.tensor,
@@ -113,10 +122,18 @@ def init_parallel(pcfg: ParallelConfig) -> Topology:
     )
 
 
-def shutdown_parallel() -> None:
+def reset_model_parallel() -> None:
+    """Forget megatron-core's TP/PP/DP groups but keep the process group, so that the next
+    ``init_parallel`` can set up another layout in the same processes (the test driver runs
+    several layouts per launch). Models built under the old layout must not be used after it."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+
+
+def shutdown_parallel() -> None:
+    """Tear everything down: megatron-core's groups, then the process group."""
+    reset_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

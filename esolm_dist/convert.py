@@ -1,0 +1,236 @@
+"""``python tools/convert.py export``: a training checkpoint -> one self-contained export folder.
+
+The export (safetensors weights in the reference layout of design.md, config.json, the
+tokenizer, a model card) loads with plain torch for single-GPU KV-cached sampling
+(esolm_dist.inference). The checkpoint is read offline, on one process: the DeepSpeed model
+files of every tensor-parallel rank are merged along each weight's partition dimension and
+megatron's per-head QKV rows are reordered to [all q; all k; all v].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from esolm_dist.checkpoint import LATEST, META, CheckpointError, checkpoint_root
+from esolm_dist.inference.export_io import ExportConfig, ExportError, write_export
+
+# Which dimension megatron-core splits across TP ranks, by parameter suffix (None = replicated).
+PARTITION_DIM = {
+    "embedding.word.weight": 0,
+    "qkv.weight": 0,
+    "out.weight": 1,
+    "out.bias": None,
+    "fc1.weight": 0,
+    "fc1.bias": 0,
+    "fc2.weight": 1,
+    "fc2.bias": None,
+    "output.weight": 0,
+    "output.bias": 0,
+}
+MODULE_PREFIX = "network."
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a step directory, a ``latest`` pointer file, a checkpoints/ folder or a run directory."""
+    path = Path(path)
+    for pointer in (path, path / LATEST, checkpoint_root(path) / LATEST):
+        if pointer.is_file() and pointer.name == LATEST:
+            path = pointer.parent / pointer.read_text().strip()
+            break
+    if not (path / META).is_file():
+        raise CheckpointError(f"{path} is not a complete esolm-dist checkpoint (no {META}); pass "
+                              "RUN_DIR/checkpoints/latest or a step_* directory")
+    return path
+
+
+def partition_dim(name: str) -> int | None:
+    for suffix, dim in PARTITION_DIM.items():
+        if name.endswith(suffix):
+            return dim
+    return None
+
+
+def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]], source: Path) -> dict[str, torch.Tensor]:
+    """Full tensors from the state dicts of TP ranks 0..T-1 (replicated ones must agree)."""
+    merged = {}
+    for name in shards[0]:
+        if any(name not in shard for shard in shards):
+            raise CheckpointError(f"{source}: tensor {name} is missing from some tensor-parallel rank files; the "
+                                  "checkpoint is incomplete: export an earlier step")
+        dim = partition_dim(name)
+        parts = [shard[name].float() for shard in shards]
+        merged[name] = torch.cat(parts, dim=dim) if dim is not None else parts[0]
+    return merged
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: export an earlier step") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt ({exc.__class__.__name__}); export an earlier "
+                              "step or re-save the checkpoint") from None
+
+
+def to_reference_layout(network: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
+    """Megatron names and QKV row order -> the export's reference names and [all q; all k; all v]."""
+    out = {}
+    for name, tensor in network.items():
+        parts = name.split(".")
+        if name == "embedding.word.weight":
+            out["embed.weight"] = tensor
+        elif parts[0] == "blocks":
+            layer, rest = parts[1], ".".join(parts[2:])
+            if rest == "qkv.weight":
+                rows, hidden = tensor.shape
+                per_head = tensor.view(num_heads, 3, rows // (3 * num_heads), hidden)
+                tensor = per_head.transpose(0, 1).reshape(rows, hidden)
+                rest = "attn.qkv.weight"
+            elif rest.startswith("out."):
+                rest = "attn." + rest
+            elif rest.startswith(("fc1.", "fc2.")):
+                rest = "mlp." + rest
+            out[f"blocks.{layer}.{rest}"] = tensor
+        elif name.startswith("head.final_ln."):
+            out[name[len("head."):]] = tensor
+        elif name.startswith("head.output."):
+            out["head." + parts[-1]] = tensor
+        else:
+            raise CheckpointError(f"unexpected tensor {name} in the checkpoint; it was not written by this "
+                                  "version of esolm-dist")
+    return out
+
+
+def read_checkpoint_weights(directory: Path, use_ema: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, the network's full fp32 weights in the training model's naming)."""
+    meta = json.loads((directory / META).read_text())
+    layout, zero_stage = meta["layout"], meta["config"]["parallel"]["zero_stage"]
+    if layout["pipeline"] > 1:
+        raise CheckpointError(f"{directory} uses pipeline parallelism, which this converter cannot read yet")
+    if zero_stage == 3 and not use_ema:
+        raise CheckpointError(f"{directory} is a ZeRO-3 checkpoint: its weights live in the optimizer "
+                              "partitions; export it with --ema or re-save with zero_stage <= 2")
+    tp = layout["tensor"]
+    shards = []
+    for rank in tqdm(range(tp), desc="reading tensor-parallel ranks", disable=tp < 2):
+        if use_ema:
+            state = _load(directory / f"rank_{rank:05d}.pt")  # TP rank t of replica 0 is global rank t
+            if state.get("ema") is None:
+                raise CheckpointError(f"{directory} has no EMA weights (optim.ema was 0); export without --ema")
+            if zero_stage == 3:
+                raise CheckpointError(f"{directory}: EMA of a ZeRO-3 run is partitioned; not exportable yet")
+            weights = state["ema"]["shadow"]
+        else:
+            weights = _load(directory / f"mp_rank_{rank:02d}_model_states.pt")["module"]
+        # megatron layers add `_extra_state` entries (None here): they carry no weights
+        shards.append({k[len(MODULE_PREFIX):]: v for k, v in weights.items()
+                       if k.startswith(MODULE_PREFIX) and isinstance(v, torch.Tensor)})
+    return meta, merge_tensor_parallel(shards, directory)
+
+
+def export_config(meta: dict, weights: dict[str, torch.Tensor], tokenizer, dtype: str) -> ExportConfig:
+    m, e = meta["config"]["model"], meta["config"]["eso"]
+    return ExportConfig.from_dict({
+        "format": "esolm-export-v1", "vocab_size": int(weights["embed.weight"].shape[0]),
+        "hidden_size": m["hidden_size"], "num_layers": m["num_layers"], "num_heads": m["num_heads"],
+        "ffn_hidden_size": m["ffn_hidden_size"] or 4 * m["hidden_size"], "rotary_base": float(m["rotary_base"]),
+        "layernorm_eps": float(m["layernorm_eps"]), "mask_token_id": meta["mask_id"],
+        "eos_token_id": tokenizer.eos_id, "max_seq_len": m["seq_len"], "variant": e["variant"],
+        "alpha0": float(e["alpha0"]), "dtype": dtype,
+    }, "the checkpoint's config")
+
+
+def model_card(meta: dict, directory: Path, use_ema: bool) -> str:
+    cfg = meta["config"]
+    return (f"# Eso-LM export\n\nFrom `{directory}` (step {meta['step']}, {'EMA' if use_ema else 'live'} weights, "
+            f"trained with layout {meta['layout']}).\n\nEso-LM ({cfg['eso']['variant']}), alpha0 = "
+            f"{cfg['eso']['alpha0']}, {cfg['model']['num_layers']} layers x {cfg['model']['hidden_size']} hidden, "
+            f"L = {cfg['model']['seq_len']}. Last validation NELBO/token: {meta.get('val_nelbo', 'not recorded')}.\n\n"
+            "Sample: `esolm-sample --model THIS_FOLDER --num-samples 4 --length 128`.\n\n## Training config\n\n```json\n"
+            + json.dumps(cfg, indent=2) + "\n```\n")
+
+
+def export(checkpoint: str | Path, out: str | Path, use_ema: bool = False, dtype: str = "fp32",
+           verify: bool = False, overwrite: bool = False) -> Path:
+    from esolm_dist.data.tokenizer import load_tokenizer
+
+    directory = resolve_checkpoint(checkpoint)
+    meta, network = read_checkpoint_weights(directory, use_ema)
+    tokenizer_name = meta["config"]["data"]["tokenizer"]
+    tokenizer = load_tokenizer(None if tokenizer_name == "bundled" else tokenizer_name)
+    weights = to_reference_layout(network, meta["config"]["model"]["num_heads"])
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    config = export_config(meta, weights, tokenizer, {"fp32": "float32", "bf16": "bfloat16"}[dtype])
+    path = write_export(out, config, {k: v.to(torch_dtype) for k, v in weights.items()}, tokenizer.path,
+                        model_card(meta, directory, use_ema), overwrite=overwrite)
+    if verify:
+        difference = verify_export(path, meta, network)
+        print(f"esolm-convert: verified: max |logit difference| = {difference:.2e}")
+    return path
+
+
+def verify_export(path: Path, meta: dict, network: dict[str, torch.Tensor], tolerance: float = 1e-4) -> float:
+    """Rebuild the training network from the checkpoint weights and the plain-torch model from the export;
+    compare their logits on a fixed batch of diffusion and sequential rows."""
+    from esolm_dist.config import ModelConfig, ParallelConfig
+    from esolm_dist.eso.rows import build_rows
+    from esolm_dist.inference.model import EsoLM
+    from esolm_dist.model.transformer import EsoTransformer
+    from esolm_dist.parallel.state import init_parallel
+
+    init_parallel(ParallelConfig(device="cpu"))
+    model_cfg = ModelConfig(**meta["config"]["model"])
+    reference = EsoTransformer(model_cfg, meta["tokenizer_vocab"], meta["mask_id"]).eval()
+    missing, unexpected = reference.load_state_dict(network, strict=False)
+    missing = [name for name in missing if not name.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ExportError(f"checkpoint weights do not fit the model of its config (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); the checkpoint is from another version")
+    exported = EsoLM.from_pretrained(path, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, meta["mask_id"], (4, model_cfg.seq_len), generator=gen)
+    x[x == meta["mask_id"]] = 0
+    rows = build_rows(x, alpha0=0.5, kappa=0.5, variant="B", loss_type="elbo", eps=1e-3, mask_id=meta["mask_id"],
+                      generator=gen)
+    with torch.no_grad():
+        expected = reference(rows.tokens, rows.positions, rows.masks)
+        got = exported(rows.tokens, rows.positions, attn_mask=rows.masks.dense()[:, 0])
+    finite = torch.isfinite(expected)
+    if not torch.equal(finite, torch.isfinite(got)):
+        raise ExportError(f"{path}: the export blocks different token ids than the checkpoint; re-export")
+    difference = float((expected[finite] - got[finite]).abs().max())
+    if difference > tolerance:
+        raise ExportError(f"{path}: export logits differ from the checkpoint's by {difference:.2e} (> {tolerance}); "
+                          "the export is wrong: report a bug")
+    return difference
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="esolm-convert", description="Export a training checkpoint for sampling.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="checkpoint (any TP layout, ZeRO 0-2) -> safetensors export folder")
+    ex.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/latest, a step_* dir or a run dir")
+    ex.add_argument("--out", required=True, help="export folder to create")
+    ex.add_argument("--ema", action="store_true", help="export the EMA weights instead of the live ones")
+    ex.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ex.add_argument("--verify", action="store_true", help="check export logits against the checkpoint's")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.checkpoint, args.out, args.ema, args.dtype, args.verify, args.overwrite)
+    except (CheckpointError, ExportError) as exc:
+        print(f"esolm-convert: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"esolm-convert: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
