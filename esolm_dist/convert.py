@@ -108,30 +108,98 @@ def to_reference_layout(network: dict[str, torch.Tensor], num_heads: int) -> dic
     return out
 
 
+def network_name(pipeline_layer: int, rest: str, num_layers: int) -> str:
+    """A PipelineModule layer index + parameter name -> the EsoTransformer name."""
+    if pipeline_layer == 0:
+        return f"embedding.{rest}"
+    if pipeline_layer <= num_layers:
+        return f"blocks.{pipeline_layer - 1}.{rest}"
+    return f"head.{rest}"
+
+
+def _tensors(weights: dict) -> dict[str, torch.Tensor]:
+    """Drop megatron's `_extra_state` entries (None here): they carry no weights."""
+    return {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
+
+
+def _live_weights(directory: Path, tp_rank: int, pp: int, num_layers: int) -> dict[str, torch.Tensor]:
+    if pp == 1:
+        module = _load(directory / f"mp_rank_{tp_rank:02d}_model_states.pt")["module"]
+        return {k[len(MODULE_PREFIX):]: v for k, v in _tensors(module).items() if k.startswith(MODULE_PREFIX)}
+    weights = {}
+    for layer in range(num_layers + 2):  # embedding, blocks, head: one file per layer and TP rank
+        state = _load(directory / f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt")
+        weights.update({network_name(layer, k, num_layers): v for k, v in _tensors(state).items()})
+    return weights
+
+
+def _zero3_weights(directory: Path, tp_rank: int) -> dict[str, torch.Tensor]:
+    """ZeRO-3 keeps the fp32 weights only in the optimizer partitions: let DeepSpeed's own
+    zero_to_fp32 merge the DP partitions of one TP rank (it reads every file it finds, so it is
+    shown a folder that holds only this TP rank's files)."""
+    import tempfile
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory() as scratch:
+        view = Path(scratch) / directory.name
+        view.mkdir()
+        for file in directory.glob(f"*mp_rank_{tp_rank:02d}_*states.pt"):
+            (view / file.name).symlink_to(file.resolve())
+        try:
+            weights = get_fp32_state_dict_from_zero_checkpoint(scratch, tag=directory.name)
+        except (ValueError, FileNotFoundError, RuntimeError, EOFError) as exc:
+            raise CheckpointError(f"{directory}: ZeRO-3 partitions of TP rank {tp_rank} are missing or truncated "
+                                  f"({str(exc).splitlines()[0][:160]}); export an earlier step") from None
+    return {k[len(MODULE_PREFIX):]: v for k, v in weights.items() if k.startswith(MODULE_PREFIX)}
+
+
+def _unpartition(partitions: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """ZeRO-3 splits the flattened parameter into equal (end-padded) partitions, one per DP rank."""
+    return torch.cat([p.flatten() for p in partitions])[: shape.numel()].view(shape)
+
+
+def _ema_weights(directory: Path, tp_rank: int, layout: dict, num_layers: int,
+                 zero3_shapes: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
+    """EMA shadows of DP replica 0 (megatron rank order: TP fastest, then DP, then PP); under ZeRO-3
+    each DP rank holds one partition of every shadow."""
+    if zero3_shapes is not None:
+        states = [_load(directory / f"rank_{tp_rank + layout['tensor'] * dp:05d}.pt").get("ema")
+                  for dp in range(layout["data"])]
+        if states[0] is None:
+            raise CheckpointError(f"{directory} has no EMA weights (optim.ema was 0); export without --ema")
+        return {name[len(MODULE_PREFIX):]: _unpartition([s["shadow"][name] for s in states],
+                                                        zero3_shapes[name[len(MODULE_PREFIX):]])
+                for name in states[0]["shadow"]}
+    weights = {}
+    for stage in range(layout["pipeline"]):
+        rank = tp_rank + layout["tensor"] * layout["data"] * stage
+        state = _load(directory / f"rank_{rank:05d}.pt").get("ema")
+        if state is None:
+            raise CheckpointError(f"{directory} has no EMA weights (optim.ema was 0); export without --ema")
+        for name, tensor in state["shadow"].items():
+            if layout["pipeline"] == 1:
+                weights[name[len(MODULE_PREFIX):]] = tensor
+            else:
+                layer, rest = name.split(".", 1)
+                weights[network_name(int(layer), rest, num_layers)] = tensor
+    return weights
+
+
 def read_checkpoint_weights(directory: Path, use_ema: bool) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(meta, the network's full fp32 weights in the training model's naming)."""
+    """(meta, the network's full fp32 weights in the EsoTransformer naming) for any TP x PP layout and ZeRO stage."""
     meta = json.loads((directory / META).read_text())
     layout, zero_stage = meta["layout"], meta["config"]["parallel"]["zero_stage"]
-    if layout["pipeline"] > 1:
-        raise CheckpointError(f"{directory} uses pipeline parallelism, which this converter cannot read yet")
-    if zero_stage == 3 and not use_ema:
-        raise CheckpointError(f"{directory} is a ZeRO-3 checkpoint: its weights live in the optimizer "
-                              "partitions; export it with --ema or re-save with zero_stage <= 2")
-    tp = layout["tensor"]
+    num_layers = meta["config"]["model"]["num_layers"]
     shards = []
-    for rank in tqdm(range(tp), desc="reading tensor-parallel ranks", disable=tp < 2):
-        if use_ema:
-            state = _load(directory / f"rank_{rank:05d}.pt")  # TP rank t of replica 0 is global rank t
-            if state.get("ema") is None:
-                raise CheckpointError(f"{directory} has no EMA weights (optim.ema was 0); export without --ema")
-            if zero_stage == 3:
-                raise CheckpointError(f"{directory}: EMA of a ZeRO-3 run is partitioned; not exportable yet")
-            weights = state["ema"]["shadow"]
+    for tp_rank in tqdm(range(layout["tensor"]), desc="reading tensor-parallel ranks", disable=layout["tensor"] < 2):
+        if zero_stage == 3:
+            live = _zero3_weights(directory, tp_rank)
+            shapes = {name: tensor.shape for name, tensor in live.items()}
+            shards.append(_ema_weights(directory, tp_rank, layout, num_layers, shapes) if use_ema else live)
         else:
-            weights = _load(directory / f"mp_rank_{rank:02d}_model_states.pt")["module"]
-        # megatron layers add `_extra_state` entries (None here): they carry no weights
-        shards.append({k[len(MODULE_PREFIX):]: v for k, v in weights.items()
-                       if k.startswith(MODULE_PREFIX) and isinstance(v, torch.Tensor)})
+            shards.append(_ema_weights(directory, tp_rank, layout, num_layers) if use_ema
+                          else _live_weights(directory, tp_rank, layout["pipeline"], num_layers))
     return meta, merge_tensor_parallel(shards, directory)
 
 
@@ -215,7 +283,7 @@ def verify_export(path: Path, meta: dict, network: dict[str, torch.Tensor], tole
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="esolm-convert", description="Export a training checkpoint for sampling.")
     sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="checkpoint (any TP layout, ZeRO 0-2) -> safetensors export folder")
+    ex = sub.add_parser("export", help="checkpoint (any TP x PP layout, any ZeRO stage) -> safetensors export folder")
     ex.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/latest, a step_* dir or a run dir")
     ex.add_argument("--out", required=True, help="export folder to create")
     ex.add_argument("--ema", action="store_true", help="export the EMA weights instead of the live ones")

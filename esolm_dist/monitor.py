@@ -9,9 +9,13 @@ from pathlib import Path
 from esolm_dist.config import RunConfig, flatten, to_dict
 
 
-def _prepare_sqlite_dir(uri: str) -> None:
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+def _prepare_sqlite_dir(uri: str) -> str | None:
+    """Create the database's folder; returns where artifacts go (beside the database, not ./mlruns)."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a tracking server decides
+    folder = Path(uri[len("sqlite:///"):]).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return (folder / "mlartifacts").as_uri()
 
 
 class MlflowMonitor:
@@ -24,13 +28,13 @@ class MlflowMonitor:
 
         self._Metric = Metric
         uri = os.environ.get("MLFLOW_TRACKING_URI", cfg.logging.mlflow_uri)
-        _prepare_sqlite_dir(uri)
+        artifact_location = _prepare_sqlite_dir(uri)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         if run_id is None:
             experiment = self.client.get_experiment_by_name(cfg.logging.experiment)
-            experiment_id = (experiment.experiment_id if experiment
-                             else self.client.create_experiment(cfg.logging.experiment))
+            experiment_id = (experiment.experiment_id if experiment else
+                             self.client.create_experiment(cfg.logging.experiment, artifact_location=artifact_location))
             name = cfg.logging.run_name or Path(cfg.train.run_dir).name
             run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
             params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]

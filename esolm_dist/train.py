@@ -26,7 +26,7 @@ from esolm_dist.data.errors import DataError
 from esolm_dist.ema import EMA
 from esolm_dist.eso.rows import build_rows, noise_generator
 from esolm_dist.flops import device_peak_flops, train_flops_per_row
-from esolm_dist.parallel.state import Topology, init_parallel
+from esolm_dist.parallel.state import Topology, check_layout, init_parallel, launch_env
 from esolm_dist.signals import StopRequest
 
 BUNDLED = "bundled"
@@ -87,10 +87,18 @@ def dp_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def check_launch(cfg: RunConfig) -> None:
+    """Layout errors that stop a run at start-up, before any process group is formed (one line each)."""
+    from esolm_dist.parallel.engine import check_batch_layout
+
+    check_batch_layout(cfg, check_layout(cfg.parallel, launch_env()["world_size"]))
+
+
 class Trainer:
     """Builds everything once; ``fit()`` runs the loop until max_steps or a stop signal."""
 
     def __init__(self, cfg: RunConfig):
+        check_launch(cfg)
         self.cfg = cfg
         self.topo = init_parallel(cfg.parallel)
         say(self.topo, "esolm-train: resolved config\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
