@@ -1,23 +1,9 @@
 """Single-process training: reproducible, exactly resumable, loss decreases, MLflow continued on resume."""
 
-import pytest
 import torch
+from conftest import tiny_config
 
-from esolm_dist.config import load_config
 from esolm_dist.train import Trainer
-
-
-@pytest.fixture(scope="session")
-def shard_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("shards")
-
-
-def tiny_config(run_dir, shard_dir, *extra):
-    return load_config(None, [
-        f"train.run_dir={run_dir}", f"data.shard_dir={shard_dir}", f"logging.mlflow_uri=sqlite:///{run_dir}/mlflow.db",
-        "model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.seq_len=32",
-        "train.micro_batch_size=4", "train.global_batch_size=8", "train.log_every=1", "train.eval_every=4",
-        "train.eval_batches=2", "train.save_every=4", "optim.warmup_steps=2", "optim.lr=3e-3", *extra])
 
 
 def losses(state, key="loss"):

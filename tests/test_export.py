@@ -1,0 +1,76 @@
+"""Export: a training checkpoint -> a plain-torch model with the same logits; bad inputs fail clearly."""
+
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from esolm_dist.checkpoint import CheckpointError
+from esolm_dist.convert import export, main
+from esolm_dist.inference.export_io import ExportError, read_export
+from esolm_dist.inference.model import EsoLM
+from esolm_dist.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def trained(single_process, tmp_path_factory, shard_dir):
+    run_dir = tmp_path_factory.mktemp("export_run")
+    trainer = Trainer(tiny_config(run_dir, shard_dir, "train.max_steps=2", "train.save_every=2", "optim.ema=0.5"))
+    trainer.fit()
+    return run_dir, trainer
+
+
+def test_export_matches_the_trained_network(trained, tmp_path):
+    run_dir, trainer = trained
+    path = export(run_dir / "checkpoints" / "latest", tmp_path / "export", verify=True)
+    model = EsoLM.from_pretrained(path)
+    live = {k: v.detach() for k, v in trainer.network.state_dict().items() if isinstance(v, torch.Tensor)}
+    exported = read_export(path).state_dict
+    assert torch.equal(exported["embed.weight"], live["embedding.word.weight"])
+    assert torch.equal(exported["head.weight"], live["head.output.weight"])
+    # megatron's per-head [q, k, v] rows become [all q; all k; all v]
+    heads, hidden = 2, 32
+    qkv = live["blocks.0.qkv.weight"].view(heads, 3, hidden // heads, hidden)
+    assert torch.equal(exported["blocks.0.attn.qkv.weight"][:hidden], qkv[:, 0].reshape(hidden, hidden))
+    assert torch.equal(exported["blocks.0.attn.qkv.weight"][2 * hidden:], qkv[:, 2].reshape(hidden, hidden))
+    assert model.config.variant == "B" and model.config.alpha0 == 0.25 and model.config.max_seq_len == 32
+
+
+def test_ema_export_is_the_shadow(trained, tmp_path):
+    run_dir, trainer = trained
+    path = export(run_dir, tmp_path / "ema", use_ema=True)
+    exported = read_export(path).state_dict
+    assert torch.equal(exported["embed.weight"], trainer.ema.shadow["network.embedding.word.weight"])
+    assert not torch.equal(exported["embed.weight"], trainer.network.embedding.word.weight.detach())
+
+
+def test_bf16_export(trained, tmp_path):
+    path = export(trained[0], tmp_path / "bf16", dtype="bf16")
+    assert read_export(path).state_dict["embed.weight"].dtype == torch.bfloat16
+
+
+def corrupt_copy(trained, tmp_path):
+    source = (trained[0] / "checkpoints" / "latest").read_text().strip()
+    copy = tmp_path / "ckpt"
+    shutil.copytree(trained[0] / "checkpoints" / source, copy)
+    return copy
+
+
+def test_bad_inputs_fail_with_one_line_errors(trained, tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="not a complete esolm-dist checkpoint"):
+        export(tmp_path, tmp_path / "out")
+    truncated = corrupt_copy(trained, tmp_path)
+    model_file = truncated / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt is truncated or corrupt"):
+        export(truncated, tmp_path / "out")
+    model_file.unlink()
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt is missing"):
+        export(truncated, tmp_path / "out")
+    export(trained[0], tmp_path / "taken")
+    with pytest.raises(ExportError, match="already exists"):
+        export(trained[0], tmp_path / "taken")
+    assert main(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("esolm-convert: error:") and "\n" not in err
