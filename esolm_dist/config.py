@@ -85,7 +85,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/quickstart"
-    max_steps: int = 600
+    max_steps: int = 400
     global_batch_size: int = 16
     micro_batch_size: int = 8
     seed: int = 1234

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from esolm_dist.checkpoint import LATEST, META, CheckpointError, checkpoint_root
 from esolm_dist.inference.export_io import ExportConfig, ExportError, write_export
+from esolm_dist.parallel.pipeline import network_name
 
 # Which dimension megatron-core splits across TP ranks, by parameter suffix (None = replicated).
 PARTITION_DIM = {
@@ -106,15 +107,6 @@ def to_reference_layout(network: dict[str, torch.Tensor], num_heads: int) -> dic
             raise CheckpointError(f"unexpected tensor {name} in the checkpoint; it was not written by this "
                                   "version of esolm-dist")
     return out
-
-
-def network_name(pipeline_layer: int, rest: str, num_layers: int) -> str:
-    """A PipelineModule layer index + parameter name -> the EsoTransformer name."""
-    if pipeline_layer == 0:
-        return f"embedding.{rest}"
-    if pipeline_layer <= num_layers:
-        return f"blocks.{pipeline_layer - 1}.{rest}"
-    return f"head.{rest}"
 
 
 def _tensors(weights: dict) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ class TrainState:
     step: int = 0
     consumed_samples: int = 0
     mlflow_run_id: str | None = None
+    last_val_nelbo: float | None = None
     history: list[dict] = field(default_factory=list)  # per logged step: the metrics (returned to callers)
 
 
@@ -151,6 +152,7 @@ class Trainer:
         self.state.step = meta["step"]
         self.state.consumed_samples = meta["consumed_samples"]
         self.state.mlflow_run_id = meta.get("mlflow_run_id")
+        self.state.last_val_nelbo = meta.get("val_nelbo")
         checkpoint.set_rng_state(rank_state["rng"])
         self.train_loader.load_state_dict(rank_state["data"])
         if self.ema is not None and rank_state.get("ema") is not None:
@@ -159,6 +161,7 @@ class Trainer:
 
     def save(self) -> Path:
         meta = {"consumed_samples": self.state.consumed_samples, "mlflow_run_id": self.state.mlflow_run_id,
+                "val_nelbo": self.state.last_val_nelbo,
                 "config": to_dict(self.cfg), "tokenizer_vocab": self.tokenizer.vocab_size, "mask_id": self.mask_id}
         rank_state = {"rng": checkpoint.rng_state(), "data": self.train_loader.state_dict(),
                       "ema": self.ema.state_dict() if self.ema is not None else None}
@@ -185,8 +188,12 @@ class Trainer:
 
             # only the first and last stage draw micro-batches (and so advance their readers)
             self.engine.train_batch(data_iter=(pipeline_inputs(r) for r in rows))
-            parts = self.engine.module.loss_fn.take()
+            parts = self.engine.module.loss_fn.take()  # on the last stage only: share it with the others
             sums = parts if parts is not None else torch.zeros(3, device=topo.device)
+            from megatron.core import parallel_state as ps
+
+            dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
         else:
             sums = torch.zeros(3, device=topo.device)
             for micro_rows in rows:
@@ -301,6 +308,7 @@ class Trainer:
 
     def _evaluate_and_record(self) -> None:
         val = self.evaluate()
+        self.state.last_val_nelbo = val
         self._record({"val_nelbo": val, "val_ppl_bound": math.exp(min(val, 50.0))})
         say(self.topo, f"step {self.state.step:>6} validation NELBO/token {val:.4f}", from_logging_rank=True)
 

@@ -14,8 +14,9 @@ Training shards a parameter in up to two ways, undone here in this order:
 
 Every function here is collective: call it on every rank, in the same order. Every rank
 gets the full fp32 tensors on the CPU. ZeRO-1/2 keep full fp32 parameters in the module,
-so only the TP step applies to them. Pipeline stages are not gathered (pipeline
-parallelism is not implemented in this release).
+so only the TP step applies to them.
+3. Pipeline parallelism puts different layers on different stages under PipelineModule's names
+   (``"<layer index>.<name>"``): they are renamed and the stages' dicts are exchanged.
 """
 
 from __future__ import annotations
@@ -41,16 +42,28 @@ def network_prefix(module: nn.Module) -> str:
 
 def _network_parameters(module: nn.Module):
     """(name in ``module``, name in EsoTransformer, parameter) for the network's parameters."""
+    from deepspeed.pipe import PipelineModule
+
+    from esolm_dist.parallel.pipeline import network_name
+
+    if isinstance(module, PipelineModule):
+        for name, param in module.named_parameters():
+            layer, rest = name.split(".", 1)
+            yield name, network_name(int(layer), rest, module.num_layers), param
+        return
     prefix = network_prefix(module)
     for name, param in module.named_parameters():
         if name.startswith(prefix):
             yield name, name[len(prefix):], param
 
 
-def _check_supported(topo: Topology) -> None:
-    if topo.pp_size > 1:
-        raise NotImplementedError("consolidating pipeline stages is not implemented (pipeline parallelism is "
-                                  "not implemented yet in this release)")
+def _gather_stages(local: dict[str, torch.Tensor], topo: Topology) -> dict[str, torch.Tensor]:
+    """Every pipeline stage's tensors on every rank (a no-op without pipeline parallelism)."""
+    if topo.pp_size == 1:
+        return local
+    stages = [None] * topo.pp_size
+    dist.all_gather_object(stages, local, group=ps.get_pipeline_model_parallel_group())
+    return {name: tensor for stage in stages for name, tensor in stage.items()}
 
 
 def gather_tensor_parallel(local: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
@@ -86,7 +99,6 @@ def full_state_dict(engine_module: nn.Module, topo: Topology) -> dict[str, torch
     Names are EsoTransformer's (``blocks.0.qkv.weight``, ...), the same for any TP degree and
     ZeRO stage, so a TP=2 / ZeRO-3 model compares directly with a single-process one.
     """
-    _check_supported(topo)
     full = {}
     for _, name, param in _network_parameters(engine_module):
         if is_zero3_partitioned(param):
@@ -97,7 +109,7 @@ def full_state_dict(engine_module: nn.Module, topo: Topology) -> dict[str, torch
         else:
             local = param.detach().float().clone()
         full[name] = gather_tensor_parallel(local, param).cpu()
-    return full
+    return _gather_stages(full, topo)
 
 
 def full_ema_state_dict(ema, module: nn.Module, topo: Topology) -> dict[str, torch.Tensor]:
@@ -106,11 +118,10 @@ def full_ema_state_dict(ema, module: nn.Module, topo: Topology) -> dict[str, tor
     Under ZeRO-3 each shadow is this rank's flat partition (a copy of ``param.ds_tensor``):
     it is gathered over the DP group first, then over the TP group like the live weights.
     """
-    _check_supported(topo)
     full = {}
     for key, name, param in _network_parameters(module):
         shadow = ema.shadow[key].detach().float()
         if is_zero3_partitioned(param):
             shadow = gather_zero3_partition(shadow, param)
         full[name] = gather_tensor_parallel(shadow, param).cpu().clone()
-    return full
+    return _gather_stages(full, topo)

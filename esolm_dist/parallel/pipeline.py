@@ -107,6 +107,15 @@ class PipelineLoss:
         return mean
 
 
+def network_name(pipeline_layer: int, rest: str, num_layers: int) -> str:
+    """A PipelineModule layer index + parameter name -> the EsoTransformer name of that parameter."""
+    if pipeline_layer == 0:
+        return f"embedding.{rest}"
+    if pipeline_layer <= num_layers:
+        return f"blocks.{pipeline_layer - 1}.{rest}"
+    return f"head.{rest}"
+
+
 def build_pipeline(cfg: ModelConfig, tokenizer_vocab: int, mask_id: int, dtype: torch.dtype, seed: int,
                    variant: str, tp: int, pp: int, dp: int, activation_checkpointing: bool) -> PipelineModule:
     parts = NetworkParts(cfg, tokenizer_vocab, mask_id, dtype)
@@ -124,6 +133,7 @@ def build_pipeline(cfg: ModelConfig, tokenizer_vocab: int, mask_id: int, dtype: 
         checkpointable_layers=["BlockStage"],
     )
     module.vocab_size = parts.vocab_size
+    module.num_layers = cfg.num_layers
     module.plans = plans
     return module
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
+import shutil
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +84,22 @@ def check_layout(pcfg: ParallelConfig, world_size: int) -> int:
     return world_size // model_parallel
 
 
+def pin_extensions_dir() -> str:
+    """Give DeepSpeed's JIT-built ops one build folder per (Python environment, ninja binary).
+
+    Without it they land in torch's shared ~/.cache/torch_extensions/py311_cpu, and processes that
+    find another ``ninja`` on PATH (the venv's 1.13 when it is activated, /usr/bin's 1.11 when not)
+    disagree about the build log's command hashes and rebuild the op every time they alternate
+    (~2 minutes of compiling on a 2-core machine, at start-up). A TORCH_EXTENSIONS_DIR set by the
+    user is kept.
+    """
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        ninja = os.path.realpath(shutil.which("ninja") or "no-ninja")
+        key = hashlib.sha1(f"{sys.prefix}|{ninja}".encode()).hexdigest()[:12]
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.expanduser(f"~/.cache/torch_extensions/esolm-{key}")
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
 def init_parallel(pcfg: ParallelConfig) -> Topology:
     """Initialise torch.distributed and megatron-core's TP/PP/DP groups; idempotent for the same layout
     (another layout needs :func:`reset_model_parallel` first)."""
@@ -101,6 +120,7 @@ def init_parallel(pcfg: ParallelConfig) -> Topology:
         backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, rank=env["rank"], world_size=env["world_size"],
                                 timeout=datetime.timedelta(minutes=30))
+    pin_extensions_dir()  # before DeepSpeed's comm loads its JIT-built shared-memory op
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)  # DeepSpeed's comm over ours
