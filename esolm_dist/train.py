@@ -10,6 +10,7 @@ esolm_dist.eso.rows, checkpoints in esolm_dist.checkpoint, logging in esolm_dist
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -212,10 +213,10 @@ class Trainer:
     def evaluate(self) -> float:
         """Validation NELBO per token (ELBO weights, fixed noise: comparable across evaluations)."""
         cfg, topo = self.cfg, self.topo
-        val = list(zip(range(cfg.train.eval_batches), make_loader(cfg, topo, self.tokenizer, "val")))
+        val = list(itertools.islice(make_loader(cfg, topo, self.tokenizer, "val"), cfg.train.eval_batches))
         if not val:
             raise ConfigError(f"the validation split in {cfg.data.shard_dir} is empty; raise data.val_fraction")
-        rows = self.micro_batch_rows((x for _, x in val), -1, "elbo")
+        rows = self.micro_batch_rows(val, -1, "elbo")
         self.engine.eval()
         if topo.pp_size > 1:
             from esolm_dist.parallel.pipeline import pipeline_inputs

@@ -64,7 +64,7 @@ def test_flex_backward_matches_dense_reference(name):
     for t in (q, k, v):
         t.grad = None
     plan_attention(spec, torch.device("cuda"), torch.float32, "flex")(q, k, v).square().sum().backward()
-    for t, ref in zip((q, k, v), expected):
+    for t, ref in zip((q, k, v), expected, strict=True):
         assert torch.allclose(t.grad, ref, atol=1e-4)
 
 

@@ -9,7 +9,6 @@ our config; nothing else configures DeepSpeed.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 
 import torch
@@ -150,7 +149,6 @@ def build_engine(module: torch.nn.Module, cfg: RunConfig, dp_size: int):
     A PipelineModule brings its own grid (same rank order as megatron-core); other modules get
     ``mpu``. ``engine.grad_norm()`` reports the global gradient norm of the last step.
     """
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     import deepspeed
 
     quiet_deepspeed()

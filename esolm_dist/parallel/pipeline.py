@@ -53,7 +53,7 @@ class StagePlans:
 
     def get(self, cfg: ModelConfig, variant: str, hidden, positions, kinds, n_clean):
         key = (positions, kinds, n_clean, torch.is_grad_enabled())
-        if len(self._key) != len(key) or any(a is not b for a, b in zip(self._key, key)):
+        if len(self._key) != len(key) or any(a is not b for a, b in zip(self._key, key, strict=True)):
             masks = RowMaskSpec(variant, cfg.seq_len, kinds, n_clean)
             plan = plan_attention(masks, hidden.device, hidden.dtype, cfg.attention_backend,
                                   needs_grad=torch.is_grad_enabled())
