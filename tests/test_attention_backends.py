@@ -91,3 +91,22 @@ def test_network_reports_backend_and_flex_forward_matches(tiny_network):
     tiny_network.cfg.attention_backend = "auto"
     finite = torch.isfinite(dense)
     assert torch.allclose(flex[finite], dense[finite], atol=1e-5)
+
+
+@pytest.mark.parametrize("cached", [0, 5])
+def test_chunk_after_cache_matches_explicit_mask(cached):
+    """Sampling attention: a chunk of 3 queries over `cached` rows + itself, causal in the chunk."""
+    from esolm_dist.kernels.attention import attend_after_cache, choose_cached_backend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 3, 8, generator=gen).to(device)
+    k, v = (torch.randn(2, 2, cached + 3, 8, generator=gen).to(device) for _ in range(2))
+    explicit = torch.ones(3, cached + 3, dtype=torch.bool, device=device).tril(cached)
+    expected = attend_after_cache(q, k, v, explicit[None, None], "sdpa")
+    assert torch.allclose(attend_after_cache(q, k, v, None, "sdpa"), expected, atol=1e-6)
+    if flash_attn_available():
+        half = [t.bfloat16() for t in (q, k, v)]
+        assert choose_cached_backend(half[0], None) == "flash"
+        assert torch.allclose(attend_after_cache(*half, None, "flash").float(), expected, atol=2e-2)
+    assert choose_cached_backend(q, None) == "sdpa"  # fp32 never takes flash-attn

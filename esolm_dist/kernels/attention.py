@@ -105,3 +105,32 @@ def _flash_segments(q, k, v, cu_seqlens, segment_len):
     flat = [t.transpose(1, 2).reshape(rows * seq, heads, dim) for t in (q, k, v)]
     out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, segment_len, segment_len, causal=True)
     return out.view(rows, seq, heads, dim).transpose(1, 2)
+
+
+# ---- sampling: a chunk of queries after a KV cache ------------------------------------------------
+
+def choose_cached_backend(q: torch.Tensor, mask: torch.Tensor | None) -> str:
+    """flash-attn for the plain "cache + causal chunk" pattern on CUDA in bf16/fp16, SDPA otherwise."""
+    if mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available():
+        return "flash"
+    return "sdpa"
+
+
+def attend_after_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       backend: str) -> torch.Tensor:
+    """Queries [B, H, S, D] of a chunk over keys [B, H, C + S, D] (C cached rows first).
+
+    ``mask`` None means every query sees all cached rows and the chunk causally (aligned to the
+    bottom right, flash-attn's convention); otherwise a boolean [B or 1, 1, S, C + S], True = attend.
+    """
+    if backend == "flash":
+        from flash_attn import flash_attn_func
+
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out.transpose(1, 2)
+    if mask is None:
+        chunk, total = q.shape[-2], k.shape[-2]
+        if chunk == total:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = torch.ones(chunk, total, dtype=torch.bool, device=q.device).tril(total - chunk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
