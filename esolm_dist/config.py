@@ -114,6 +114,7 @@ class LoggingConfig:
     mlflow_uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "esolm"
     run_name: str = ""
+    samples: int = 2  # text samples logged to MLflow at each evaluation (0 = none)
 
 
 @dataclass
@@ -284,6 +285,7 @@ def validate(cfg: RunConfig) -> None:
     _check(o.grad_clip >= 0, "config key 'optim.grad_clip' must be >= 0 (0 disables clipping)")
     _check(0.0 <= cfg.data.val_fraction < 1.0, "config key 'data.val_fraction' must be in [0, 1)")
     _check(cfg.data.num_workers >= 0, "config key 'data.num_workers' must be >= 0")
+    _check(cfg.logging.samples >= 0, "config key 'logging.samples' must be >= 0 (0 logs no samples)")
     p = cfg.parallel
     _check(p.tensor >= 1 and p.pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1")
     _check(m.num_heads % p.tensor == 0,

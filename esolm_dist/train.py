@@ -312,6 +312,21 @@ class Trainer:
         self.state.last_val_nelbo = val
         self._record({"val_nelbo": val, "val_ppl_bound": math.exp(min(val, 50.0))})
         say(self.topo, f"step {self.state.step:>6} validation NELBO/token {val:.4f}", from_logging_rank=True)
+        if self.cfg.logging.samples:
+            self._log_samples()
+
+    def _log_samples(self) -> None:
+        """Consolidate the weights (collective) and log text samples from the logging rank."""
+        from esolm_dist.parallel.consolidate import full_state_dict
+        from esolm_dist.preview import preview_samples
+
+        weights = full_state_dict(self.engine.module, self.topo)
+        if self.monitor is None:
+            return
+        texts = preview_samples(weights, self.cfg, self.tokenizer, self.mask_id, self.cfg.logging.samples,
+                                self.cfg.train.seed, self.topo.device)
+        body = "\n\n".join(f"--- sample {i} ---\n{text}" for i, text in enumerate(texts))
+        self.monitor.log_text(body, f"samples/step_{self.state.step:08d}.txt")
 
     def _record(self, metrics: dict[str, float]) -> None:
         self.state.history.append({"step": self.state.step, **metrics})

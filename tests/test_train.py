@@ -37,6 +37,10 @@ def test_mlflow_run_is_continued_without_duplicate_steps(single_process, tmp_pat
     assert run.data.params["eso.alpha0"] == "0.25" and run.info.status == "FINISHED"
     for key in ("loss_diffusion", "loss_sequential", "lr", "grad_norm", "tokens_per_s", "mfu", "val_nelbo"):
         assert key in run.data.metrics, key
+    samples = [a.path for a in client.list_artifacts(first.mlflow_run_id, "samples")]
+    assert "samples/step_00000006.txt" in samples and "samples/step_00000000.txt" in samples
+    text = client.download_artifacts(first.mlflow_run_id, "samples/step_00000006.txt", str(tmp_path))
+    assert "--- sample 1 ---" in open(text).read()
 
 
 def test_loss_decreases_and_ema_tracks(single_process, tmp_path, shard_dir):

@@ -1,0 +1,30 @@
+"""Text samples from the network being trained, logged to the MLflow run at each evaluation.
+
+The live weights are consolidated (any TP / PP / ZeRO layout), turned into the export's
+reference layout and sampled with the same KV-cached Eso-LM sampler users run on exports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from esolm_dist.config import RunConfig, to_dict
+from esolm_dist.convert import export_config, to_reference_layout
+from esolm_dist.eso.sampling import sample
+from esolm_dist.inference.model import EsoLM
+
+
+def preview_samples(network_weights: dict[str, torch.Tensor], cfg: RunConfig, tokenizer, mask_id: int,
+                    count: int, seed: int, device: torch.device) -> list[str]:
+    """``count`` samples of L tokens (Eso-LM sampler at the training alpha_0, T = L, top-p 0.9)."""
+    weights = to_reference_layout(network_weights, cfg.model.num_heads)
+    config = export_config({"config": to_dict(cfg), "mask_id": mask_id}, weights, tokenizer, "float32")
+    model = EsoLM(config, tokenizer.vocab_size)
+    model.load_state_dict(weights)
+    model = model.to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        result = sample(model, count, cfg.model.seq_len, method="eso", variant=cfg.eso.variant,
+                        alpha0=cfg.eso.alpha0, num_steps=cfg.model.seq_len, top_p=0.9, generator=generator,
+                        device=device)
+    return [tokenizer.decode(row.tolist()) for row in result.tokens.cpu()]
