@@ -103,6 +103,7 @@ class Trainer:
         check_launch(cfg)
         self.cfg = cfg
         self.topo = init_parallel(cfg.parallel)
+        self.stop = StopRequest(self.topo.device)  # early: a signal during start-up stops at the first step
         say(self.topo, "esolm-train: resolved config\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
         checkpoint.ensure_writable(cfg.train.run_dir)
         self.tokenizer = prepare_data(cfg, self.topo)
@@ -247,7 +248,6 @@ class Trainer:
         say(topo, f"esolm-train: MLflow run {state.mlflow_run_id} at "
                   f"{self.monitor.uri if self.monitor else cfg.logging.mlflow_uri}; "
                   f"MFU peak: {self.peak_source}")
-        stop = StopRequest(topo.device)
         batches = iter(self.train_loader)
         samples_per_step = cfg.train.global_batch_size
         tokens_per_step = samples_per_step * cfg.model.seq_len
@@ -279,7 +279,7 @@ class Trainer:
             if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps:
                 self._evaluate_and_record()
                 window_start = time.perf_counter()  # throughput counts training time only
-            stopping = stop.agreed()
+            stopping = self.stop.agreed()
             if state.step % cfg.train.save_every == 0 or state.step == cfg.train.max_steps or stopping:
                 self.save()
                 saved_at = state.step
