@@ -231,14 +231,16 @@ def export(checkpoint: str | Path, out: str | Path, use_ema: bool = False, dtype
     path = write_export(out, config, {k: v.to(torch_dtype) for k, v in weights.items()}, tokenizer.path,
                         model_card(meta, directory, use_ema), overwrite=overwrite)
     if verify:
-        difference = verify_export(path, meta, network)
+        difference = verify_export(path, meta, network, torch_dtype)
         print(f"esolm-convert: verified: max |logit difference| = {difference:.2e}")
     return path
 
 
-def verify_export(path: Path, meta: dict, network: dict[str, torch.Tensor], tolerance: float = 1e-4) -> float:
-    """Rebuild the training network from the checkpoint weights and the plain-torch model from the export;
-    compare their logits on a fixed batch of diffusion and sequential rows."""
+def verify_export(path: Path, meta: dict, network: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                  tolerance: float = 1e-5) -> float:
+    """Rebuild the training network from the checkpoint weights (rounded to the export's dtype) and the
+    plain-torch model from the export; compare their fp32 logits on a fixed batch of diffusion and
+    sequential rows. Returns the largest absolute difference."""
     from esolm_dist.config import ModelConfig, ParallelConfig
     from esolm_dist.eso.rows import build_rows
     from esolm_dist.inference.model import EsoLM
@@ -248,7 +250,8 @@ def verify_export(path: Path, meta: dict, network: dict[str, torch.Tensor], tole
     init_parallel(ParallelConfig(device="cpu"))
     model_cfg = ModelConfig(**meta["config"]["model"])
     reference = EsoTransformer(model_cfg, meta["tokenizer_vocab"], meta["mask_id"]).eval()
-    missing, unexpected = reference.load_state_dict(network, strict=False)
+    rounded = {name: tensor.to(dtype).float() for name, tensor in network.items()}
+    missing, unexpected = reference.load_state_dict(rounded, strict=False)
     missing = [name for name in missing if not name.endswith("_extra_state")]
     if missing or unexpected:
         raise ExportError(f"checkpoint weights do not fit the model of its config (missing {missing[:3]}, "

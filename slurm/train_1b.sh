@@ -157,11 +157,12 @@ if [ -n "$stop_signal" ]; then
   elif [ "$rc" -ne 0 ]; then
     # no clean save: requeueing could repeat the failure forever; the last good checkpoint stays
     esolm_log "not requeueing after a failed stop; resubmit to resume from $checkpoints/latest"
-  elif scontrol requeue "$SLURM_JOB_ID"; then
-    esolm_log "requeued job $SLURM_JOB_ID; it resumes from $checkpoints/latest"
-    exit 0
   else
+    # logged first: SLURM may end this shell as soon as the requeue is accepted
+    esolm_log "requeueing job $SLURM_JOB_ID; it resumes from $checkpoints/latest"
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
     esolm_log "scontrol requeue failed: resubmit this script to resume from $checkpoints/latest"
+    rc=1
   fi
 fi
 exit "$rc"

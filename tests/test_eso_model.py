@@ -170,3 +170,18 @@ def test_rows_reject_mask_token_in_data():
     x[0, 0] = MASK_ID
     with pytest.raises(ValueError, match="mask token"):
         rows_of(x, alpha0=0.5)
+
+
+def test_activation_checkpointing_changes_nothing(tiny_network):
+    x = random_tokens(4, 8, seed=12)
+    rows = rows_of(x, alpha0=0.5)
+    tiny_network.train()
+    grads = []
+    for recompute in (False, True):
+        tiny_network.checkpoint_activations = recompute
+        tiny_network.zero_grad()
+        loss = hybrid_loss(nll_of(tiny_network, rows), rows.loss_weight, rows.masks.kinds)["loss"]
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in tiny_network.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1], strict=True))

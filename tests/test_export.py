@@ -46,7 +46,7 @@ def test_ema_export_is_the_shadow(trained, tmp_path):
 
 
 def test_bf16_export(trained, tmp_path):
-    path = export(trained[0], tmp_path / "bf16", dtype="bf16")
+    path = export(trained[0], tmp_path / "bf16", dtype="bf16", verify=True)
     assert read_export(path).state_dict["embed.weight"].dtype == torch.bfloat16
 
 

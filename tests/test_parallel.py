@@ -165,3 +165,21 @@ def test_tp2_pp2_checkpoint_exports_the_single_process_weights(results, tmp_path
     assert exported.keys() == expected.keys()
     for name, b in expected.items():
         assert float((exported[name] - b).abs().max()) <= WEIGHT_ABS, name
+
+
+@pytest.mark.slow
+def test_zero3_checkpoint_exports_its_weights(results, tmp_path):
+    """A ZeRO-3 checkpoint keeps its weights in DP-partitioned optimizer files; the export merges them,
+    live and EMA, into the weights the run itself consolidated."""
+    from esolm_dist.convert import export, to_reference_layout
+    from esolm_dist.inference.export_io import read_export
+
+    out, launches = results
+    assert launches[2][0] == 0
+    _, weights = load(out, "dp2_zero3")
+    for use_ema, kind in ((False, "params"), (True, "ema")):
+        path = export(out / "dp2_zero3" / "checkpoints" / "latest", tmp_path / kind, use_ema=use_ema,
+                      verify=not use_ema)
+        exported = read_export(path).state_dict
+        for name, expected in to_reference_layout(weights[kind], num_heads=2).items():
+            assert torch.equal(exported[name], expected), f"{kind} {name}"

@@ -163,7 +163,7 @@ def test_signalled_job_checkpoints_requeues_and_finishes_exactly(slurm_cluster, 
     assert stopped, f"no checkpoint on the signal:\n{text[-4000:]}"
     saved = int(stopped.group(1))
     assert STOP_AFTER_STEP <= saved < MAX_STEPS, f"the signal arrived after the run ended (saved step {saved})"
-    assert f"requeued job {job_id}" in text
+    assert f"requeueing job {job_id}" in text
     assert f"job {job_id} (esolm-1b) restart 1 on n[1-2]" in text  # SLURM_RESTART_COUNT=1 in the requeued job
     assert re.search(rf"resumed from \S+step_{saved:08d} at step {saved}\b", text), text[-4000:]
     assert f"esolm-train: finished at step {MAX_STEPS}" in text

@@ -155,8 +155,15 @@ def build_engine(module: torch.nn.Module, cfg: RunConfig, dp_size: int):
     check_batch_layout(cfg, dp_size)
     mark_norm_owners(module)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.adam_eps,
-                                  weight_decay=o.weight_decay)
+    if cfg.parallel.cpu_offload:
+        # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU Adam (JIT-built once)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(module.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.adam_eps,
+                                     weight_decay=o.weight_decay, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.adam_eps,
+                                      weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     clip = None
     if cfg.parallel.zero_stage == 0:

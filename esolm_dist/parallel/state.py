@@ -112,18 +112,23 @@ def init_parallel(pcfg: ParallelConfig) -> Topology:
         apply_cpu_compat()
     dp_size = check_layout(pcfg, env["world_size"])
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        # DeepSpeed reads these when it wires itself to our process group.
-        os.environ.update(RANK=str(env["rank"]), WORLD_SIZE=str(env["world_size"]),
-                          LOCAL_RANK=str(env["local_rank"]))
         backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend, rank=env["rank"], world_size=env["world_size"],
-                                timeout=datetime.timedelta(minutes=30))
+        if env["world_size"] == 1 and "MASTER_PORT" not in os.environ:
+            # One process on its own: a private rendezvous that leaves os.environ alone, so the
+            # processes it starts (tests, tools) never inherit a port or a rank meant for it.
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            init_method = "env://"
+            # DeepSpeed reads these when it wires itself to our process group (SLURM sets none).
+            os.environ.update(RANK=str(env["rank"]), WORLD_SIZE=str(env["world_size"]))
+        dist.init_process_group(backend=backend, init_method=init_method, rank=env["rank"],
+                                world_size=env["world_size"], timeout=datetime.timedelta(minutes=30))
+    os.environ["LOCAL_RANK"] = str(env["local_rank"])  # DeepSpeed's engine needs it even in one process
     pin_extensions_dir()  # before DeepSpeed's comm loads its JIT-built shared-memory op
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)  # DeepSpeed's comm over ours
+    # DeepSpeed's comm over our process group (never MPI discovery)
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False, auto_mpi_discovery=False)
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
