@@ -89,7 +89,10 @@ def assert_same_training(run_dir: Path, reference: dict[str, dict[int, float]], 
 def torchrun_metrics(tmp_path_factory, shard_dir):
     """The same config on one node: torchrun --standalone --nproc_per_node 2 (also builds the shards)."""
     run_dir = tmp_path_factory.mktemp("torchrun") / "run"
-    env = {**os.environ, **job_env(run_dir, shard_dir)}
+    # a clean launch: nothing of this test process's own rendezvous or rank may leak into torchrun's
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {**inherited, **job_env(run_dir, shard_dir)}
     env.pop("MLFLOW_TRACKING_URI")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "esolm_dist.train", "configs/quickstart.yaml", "parallel.device=cpu", "parallel.backend=gloo",
