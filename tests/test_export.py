@@ -74,3 +74,22 @@ def test_bad_inputs_fail_with_one_line_errors(trained, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("esolm-convert: error:") and "\n" not in err
+
+
+def test_exact_likelihood_of_the_export_equals_the_training_network(trained, tmp_path, shard_dir):
+    """K = 1: the export's bound is -log p_sigma(x) of the training network for the same order (two
+    implementations, one causal pass each); the CLI evaluates validation shards."""
+    from esolm_dist.eso.likelihood import likelihood_order, order_log_likelihood
+    from esolm_dist.inference.likelihood import evaluate_likelihood, main
+
+    path = export(trained[0], tmp_path / "lik")
+    model = EsoLM.from_pretrained(path)
+    x = torch.randint(2, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+    one = evaluate_likelihood(model, [x], 1, 0.25, seed=7)["nll_bound_per_token"]
+    gen = torch.Generator().manual_seed(7)
+    orders = torch.stack([likelihood_order(32, 0.25, gen) for _ in range(2)])
+    network = trained[1].network.eval()
+    with torch.no_grad():
+        expected = -order_log_likelihood(lambda t, p, m: network(t, p, m), x, orders, model.mask_token_id).sum() / 64
+    assert abs(one - float(expected)) < 1e-5
+    assert main(["--model", str(path), "--shards", str(shard_dir), "--orders", "2", "--batches", "1"]) == 0
