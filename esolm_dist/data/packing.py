@@ -81,7 +81,9 @@ def _tokenized(batches: Iterator[list[str]], tokenizer_path: Path,
         tokenizer = load_tokenizer(tokenizer_path)
         yield from (_encode_with_eos(tokenizer, batch) for batch in batches)
         return
-    context = multiprocessing.get_context("fork")
+    # spawn, not fork: the trainer builds shards from a process that already runs torch, gloo and
+    # tokenizers threads, and a forked child can inherit one of their locks held (a deadlock seen in CI)
+    context = multiprocessing.get_context("spawn")
     with context.Pool(workers, _load_worker_tokenizer, (str(tokenizer_path),)) as pool:
         in_flight = deque()
         for batch in batches:
