@@ -156,9 +156,3 @@ def reset_model_parallel() -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
 
-
-def shutdown_parallel() -> None:
-    """Tear everything down: megatron-core's groups, then the process group."""
-    reset_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
