@@ -95,23 +95,31 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus_per_task}
 # The training processes start with SIGUSR1 ignored (the `trap '' USR1; exec` wrapper below: an
 # ignored signal stays ignored across exec) until esolm-train installs its handler, so an early
 # signal cannot kill a process half-way through its start-up (a half-built JIT extension leaves a
-# lock that hangs every later run). An ignored signal is lost, so the trap repeats it every
-# ESOLM_STOP_RESEND_S seconds until a new checkpoint appears; it stops repeating then, because a
-# signal that lands while Python shuts down (handlers already reset) would kill the process.
+# lock that hangs every later run). Before its trap is set a task would still die of the signal,
+# so each task then writes a file into $launch_dir, and nothing is forwarded until every task has.
+# An ignored signal is lost, so the trap repeats it every ESOLM_STOP_RESEND_S seconds until a new
+# checkpoint appears; it stops repeating then, because a signal that lands while Python shuts
+# down (handlers already reset) would kill the process.
+launch_dir=$ESOLM_RUN_DIR/.launch/$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}
+if ! { rm -rf "$launch_dir" && mkdir -p "$launch_dir"; }; then esolm_die "cannot create $launch_dir"; fi
+export ESOLM_LAUNCH_DIR=$launch_dir
 stop_signal=""
 srun_pid=""
 resender_pid=""
 latest_tag() { cat "$checkpoints/latest" 2>/dev/null; }
+tasks_ready() { [ "$(find "$launch_dir" -type f | wc -l)" -ge "$SLURM_NTASKS" ]; }
 forward_stop() {
-  [ -n "$srun_pid" ] || return 0
-  kill -USR1 "$srun_pid" 2>/dev/null  # srun forwards it to every task of the step
-  if [ -z "$resender_pid" ]; then
-    local before; before=$(latest_tag)
-    ( while sleep "${ESOLM_STOP_RESEND_S:-30}" && [ "$(latest_tag)" = "$before" ]; do
-        kill -USR1 "$srun_pid" 2>/dev/null || break
-      done ) &
-    resender_pid=$!
-  fi
+  [ -n "$srun_pid" ] && [ -z "$resender_pid" ] || return 0
+  local before; before=$(latest_tag)
+  ( resend_s=${ESOLM_STOP_RESEND_S:-30}; sent_at=""
+    while [ "$(latest_tag)" = "$before" ]; do
+      if tasks_ready && { [ -z "$sent_at" ] || [ $(( SECONDS - sent_at )) -ge "$resend_s" ]; }; then
+        kill -USR1 "$srun_pid" 2>/dev/null || break  # srun forwards it to every task of the step
+        sent_at=$SECONDS
+      fi
+      sleep 1
+    done ) &
+  resender_pid=$!
 }
 # shellcheck disable=SC2317  # called by the trap
 on_stop_signal() {
@@ -138,8 +146,9 @@ TRAIN=("$ESOLM_PYTHON" -m esolm_dist.train "$ESOLM_CONFIG" "${DEVICE_OVERRIDES[@
        "train.run_dir=$ESOLM_RUN_DIR" "logging.mlflow_uri=$MLFLOW_TRACKING_URI" "${USER_OVERRIDES[@]}")
 esolm_log "rendezvous $MASTER_ADDR:$MASTER_PORT; $SLURM_NTASKS processes, $cpus_per_task CPU(s) each; run dir $ESOLM_RUN_DIR; MLflow $MLFLOW_TRACKING_URI"
 esolm_log "srun ${TRAIN[*]}"
+# shellcheck disable=SC2016  # expanded by each task's own shell
 srun --kill-on-bad-exit=1 --cpus-per-task="$cpus_per_task" "${SRUN_EXTRA[@]}" \
-  bash -c 'trap "" USR1; exec "$@"' esolm-train "${TRAIN[@]}" &
+  bash -c 'trap "" USR1; : > "$ESOLM_LAUNCH_DIR/$SLURM_PROCID"; exec "$@"' esolm-train "${TRAIN[@]}" &
 srun_pid=$!
 if [ -n "$stop_signal" ]; then forward_stop; fi  # signalled while launching
 while :; do  # a trapped signal interrupts `wait`: wait again until srun itself has exited
@@ -148,6 +157,7 @@ while :; do  # a trapped signal interrupts `wait`: wait again until srun itself 
   kill -0 "$srun_pid" 2>/dev/null || break
 done
 if [ -n "$resender_pid" ]; then kill "$resender_pid" 2>/dev/null; fi
+rm -rf "$launch_dir"; rmdir "$ESOLM_RUN_DIR/.launch" 2>/dev/null
 esolm_log "training processes exited with $rc"
 
 if [ -n "$stop_signal" ]; then

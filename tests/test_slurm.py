@@ -194,11 +194,18 @@ def test_signal_during_start_up_still_checkpoints_and_requeues(slurm_cluster, tm
     """A signal before esolm-train has its handler (imports, JIT builds) must not kill the processes:
     they start with SIGUSR1 ignored and the batch script repeats the signal until it is taken."""
     run_dir = tmp_path / "run"
-    env = {**job_env(run_dir, shard_dir), "ESOLM_STOP_RESEND_S": "1"}
+    # A slow task start (a loaded node, a slow shared filesystem), made certain: each task's wrapper
+    # shell (named esolm-train) first sources $BASH_ENV, which sleeps before the shell reaches its trap.
+    slow_start = tmp_path / "slow_task_start.sh"
+    slow_start.write_text('case "$0" in esolm-train) sleep 3 ;; esac\n')
+    env = {**job_env(run_dir, shard_dir), "ESOLM_STOP_RESEND_S": "1", "BASH_ENV": str(slow_start)}
     job_id, log = submit(slurm_cluster, tmp_path, env)
-    slurm_cluster.wait_until(job_id, lambda record: "] srun " in read_log(log)  # the processes are starting
-                             or record["JobState"] not in ("PENDING", "CONFIGURING", "RUNNING"), JOB_TIMEOUT_S,
-                             poll_s=0.2)
+    # the batch script logs "rendezvous" just before it runs srun: the signal reaches srun while its
+    # tasks are still starting, before their shells have set SIGUSR1 to ignored
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while "] rendezvous " not in read_log(log):
+        assert time.monotonic() < deadline, f"job {job_id} did not reach srun:\n{read_log(log)[-4000:]}"
+        time.sleep(0.02)
     assert not re.search(r"^step +\d+ loss", read_log(log), re.M), "too late: training had already started"
     slurm_cluster.run("scancel", "-b", "--signal=USR1", str(job_id))
     record = slurm_cluster.wait_finished(job_id, JOB_TIMEOUT_S)
