@@ -95,6 +95,7 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int = 2
     resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
+    init_from: str = ""  # a new run's weights: an export folder or a checkpoint of any layout
 
 
 @dataclass

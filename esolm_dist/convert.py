@@ -109,6 +109,30 @@ def to_reference_layout(network: dict[str, torch.Tensor], num_heads: int) -> dic
     return out
 
 
+def from_reference_layout(weights: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
+    """The inverse of to_reference_layout: export names and [all q; all k; all v] -> megatron's."""
+    out = {}
+    for name, tensor in weights.items():
+        parts = name.split(".")
+        if name == "embed.weight":
+            out["embedding.word.weight"] = tensor
+        elif parts[0] == "blocks":
+            layer, rest = parts[1], ".".join(parts[2:])
+            if rest == "attn.qkv.weight":
+                rows, hidden = tensor.shape
+                per_kind = tensor.view(3, num_heads, rows // (3 * num_heads), hidden)
+                tensor = per_kind.transpose(0, 1).reshape(rows, hidden)
+            out[f"blocks.{layer}.{rest.removeprefix('attn.').removeprefix('mlp.')}"] = tensor
+        elif name.startswith("final_ln."):
+            out["head." + name] = tensor
+        elif name.startswith("head."):
+            out["head.output." + parts[-1]] = tensor
+        else:
+            raise ExportError(f"unexpected tensor {name} in the export; it was not written by this version of "
+                              "esolm-dist")
+    return out
+
+
 def _tensors(weights: dict) -> dict[str, torch.Tensor]:
     """Drop megatron's `_extra_state` entries (None here): they carry no weights."""
     return {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}

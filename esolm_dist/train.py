@@ -27,6 +27,7 @@ from esolm_dist.data.errors import DataError
 from esolm_dist.ema import EMA
 from esolm_dist.eso.rows import build_rows, noise_generator
 from esolm_dist.flops import device_peak_flops, train_flops_per_row
+from esolm_dist.inference.export_io import ExportError
 from esolm_dist.parallel.state import Topology, check_layout, init_parallel, launch_env
 from esolm_dist.signals import StopRequest
 
@@ -137,9 +138,21 @@ class Trainer:
                                      init_seed=cfg.train.seed)
             network.checkpoint_activations = cfg.parallel.activation_checkpointing
             module = EsoObjective(network, cfg.eso.variant, cfg.model.seq_len).to(topo.device)
+        if cfg.train.init_from and not self._will_resume():
+            self._load_initial_weights(module)
         engine = build_engine(module, cfg, topo.dp_size)
         torch.manual_seed(cfg.train.seed + 7919 * self.topo.dp_rank)  # dropout differs across replicas
         return engine, network
+
+    def _will_resume(self) -> bool:
+        return self.cfg.train.resume and checkpoint.find_latest(self.cfg.train.run_dir) is not None
+
+    def _load_initial_weights(self, module) -> None:
+        from esolm_dist.parallel.warm_start import load_source_weights, read_source_weights
+
+        source = read_source_weights(self.cfg.train.init_from)
+        load_source_weights(module, source, self.cfg.model.num_layers, self.tokenizer.vocab_size, self.mask_id)
+        say(self.topo, f"esolm-train: weights from the {source.description}; step, optimizer and data start afresh")
 
     def _rows_per_micro_batch(self) -> int:
         n_diffusion = round(self.cfg.train.micro_batch_size * self.cfg.eso.kappa)
@@ -364,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         Trainer(cfg).fit()
-    except (ConfigError, checkpoint.CheckpointError, DataError) as exc:
+    except (ConfigError, checkpoint.CheckpointError, DataError, ExportError) as exc:
         print(f"esolm-train: error: {exc}", file=sys.stderr)
         return 2
     return 0

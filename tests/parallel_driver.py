@@ -16,6 +16,8 @@ its DP rank, so its reference is ``single_as_dp2``: one process, one engine, com
 same global batch, where micro-batch k of a step is DP rank k // a's micro-batch k % a
 (a = micro-batches per DP rank), with that rank's data and noise. Nothing parallel is mocked:
 the reference is the plain single-process path fed the DP run's batches.
+The ``*_from_single`` layouts start from the ``single`` run's final checkpoint (train.init_from)
+and also write the consolidated weights they start from (``initial``).
 tests/test_parallel.py launches this file and compares the results.
 """
 
@@ -42,6 +44,8 @@ class Layout:
     pipeline: int = 1
     zero_stage: int = 0
     emulated_dp: int = 1  # world size 1 only: feed the batches of a DP=emulated_dp run
+    init_from: str = ""  # train.init_from: the final checkpoint of this (earlier) layout
+    recompute: bool = False  # parallel.activation_checkpointing
 
     @property
     def dp_size(self) -> int:
@@ -53,17 +57,22 @@ LAYOUTS = {
     "single_as_dp2": Layout(1, emulated_dp=2),
     "tp2": Layout(2, tensor=2),
     "pp2": Layout(2, pipeline=2),
+    "pp2_recompute": Layout(2, pipeline=2, recompute=True),
     "dp2_zero1": Layout(2, zero_stage=1),
     "dp2_zero2": Layout(2, zero_stage=2),
     "dp2_zero3": Layout(2, zero_stage=3),
     "tp2_dp2_zero1": Layout(4, tensor=2, zero_stage=1),
     "tp2_pp2_zero1": Layout(4, tensor=2, pipeline=2, zero_stage=1),
+    "single_from_single": Layout(1, init_from="single"),
+    "tp2_pp2_from_single": Layout(4, tensor=2, pipeline=2, zero_stage=1, init_from="single"),
 }
 
 
 def reference_for(name: str) -> str:
     """The world-size-1 layout that computes the same thing as ``name``."""
-    return "single" if LAYOUTS[name].dp_size == 1 else f"single_as_dp{LAYOUTS[name].dp_size}"
+    layout = LAYOUTS[name]
+    reference = "single" if layout.dp_size == 1 else f"single_as_dp{layout.dp_size}"
+    return f"{reference}_from_{layout.init_from}" if layout.init_from else reference
 
 
 STEPS = 4
@@ -82,7 +91,8 @@ def layout_config(name: str, out: Path, shard_dir: str):
         f"train.eval_every={STEPS}", "train.eval_batches=1", f"train.save_every={STEPS}", "train.keep_last=1",
         "optim.warmup_steps=2", "optim.lr=3e-3", "optim.ema=0.9", "optim.grad_clip=1.0",
         f"parallel.tensor={layout.tensor}", f"parallel.pipeline={layout.pipeline}", f"parallel.zero_stage={layout.zero_stage}", "parallel.precision=fp32",
-        "parallel.device=cpu"])
+        "parallel.device=cpu", f"parallel.activation_checkpointing={str(layout.recompute).lower()}",
+        *([f"train.init_from={out / layout.init_from / 'checkpoints' / 'latest'}"] if layout.init_from else [])])
 
 
 def emulated_dp_trainer(cfg, dp_size: int):
@@ -137,8 +147,9 @@ def run_layout(name: str, out: Path, shard_dir: str) -> None:
     layout = LAYOUTS[name]
     cfg = layout_config(name, out, shard_dir)
     trainer = emulated_dp_trainer(cfg, layout.emulated_dp) if layout.emulated_dp > 1 else Trainer(cfg)
-    state = trainer.fit()
     topo = trainer.topo
+    initial = full_state_dict(trainer.engine.module, topo) if layout.init_from else None
+    state = trainer.fit()
     params = full_state_dict(trainer.engine.module, topo)
     ema = full_ema_state_dict(trainer.ema, trainer.engine.module, topo)
     # every rank must hold the same full weights: compare a fingerprint of each
@@ -154,7 +165,7 @@ def run_layout(name: str, out: Path, shard_dir: str) -> None:
                   "lr": [h["lr"] for h in steps],
                   "same_weights_on_all_ranks": all(f == fingerprints[0] for f in fingerprints),
                   "mlflow_run_id": state.mlflow_run_id}
-        torch.save({"params": params, "ema": ema}, out / f"{name}.pt")
+        torch.save({"params": params, "ema": ema, "initial": initial}, out / f"{name}.pt")
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))
         print(f"parallel_driver: {name}: losses {result['loss']}", flush=True)
     trainer.engine.destroy()

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY_TRAINING, tiny_config
 
 from esolm_dist.checkpoint import CheckpointError
 from esolm_dist.convert import export, main
@@ -74,6 +74,30 @@ def test_bad_inputs_fail_with_one_line_errors(trained, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("esolm-convert: error:") and "\n" not in err
+
+
+def test_a_new_run_starts_from_an_export(trained, tmp_path, shard_dir, capsys):
+    """train.init_from=EXPORT: the export's weights go back to megatron's layout, into a new run;
+    a model of another shape is refused with one line naming the key to set."""
+    from esolm_dist.train import main
+
+    run_dir, trainer = trained
+    path = export(run_dir, tmp_path / "export")
+    warm = Trainer(tiny_config(tmp_path / "warm", shard_dir, f"train.init_from={path}"))
+    source = {k: v for k, v in trainer.network.state_dict().items() if isinstance(v, torch.Tensor)}
+    loaded = {k: v for k, v in warm.network.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert loaded.keys() == source.keys()
+    for name, tensor in source.items():
+        assert torch.equal(loaded[name], tensor), name
+    with pytest.raises(CheckpointError, match="has 2 layers, this run 3; set model.num_layers=2"):
+        Trainer(tiny_config(tmp_path / "deeper", shard_dir, f"train.init_from={path}", "model.num_layers=3"))
+    with pytest.raises(CheckpointError, match=r"gives shape \[.*\] here, the model has .*; set model.\*"):
+        Trainer(tiny_config(tmp_path / "wider", shard_dir, f"train.init_from={path}", "model.hidden_size=64"))
+    assert main([*TINY_TRAINING, f"train.run_dir={tmp_path / 'nothing'}", f"data.shard_dir={shard_dir}",
+                 f"train.init_from={tmp_path / 'no-export'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"esolm-train: error: train.init_from={tmp_path / 'no-export'} does not exist; pass an export " \
+                  "folder or a checkpoint"
 
 
 def test_exact_likelihood_of_the_export_equals_the_training_network(trained, tmp_path, shard_dir):

@@ -4,6 +4,7 @@ tests/parallel_driver.py is launched three times (world size 1, 2 and 4); each l
 tiny Eso-LM for 4 steps (fp32, clipping on, EMA on) in every layout of its world size and writes
 the per-step losses and the consolidated final weights. Each layout is compared with the
 single-process run that computes the same global batches (see the driver's docstring).
+Two layouts start from the single-process run's checkpoint (train.init_from) instead.
 
 Tolerances (fp32, 4 AdamW steps at lr 3e-3, measured on the 2-core CPU box):
 - loss per step: relative 1e-6 (measured: bitwise equal in every layout);
@@ -76,8 +77,8 @@ def load(out: Path, name: str) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2_zero1", "dp2_zero2", "dp2_zero3", "tp2_dp2_zero1",
-                                    "tp2_pp2_zero1"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "pp2_recompute", "dp2_zero1", "dp2_zero2", "dp2_zero3", "tp2_dp2_zero1",
+                                    "tp2_pp2_zero1", "tp2_pp2_from_single"])
 def test_layout_matches_single_process(results, layout):
     out, launches = results
     world_size = LAYOUTS[layout].world_size
@@ -107,6 +108,24 @@ def test_layout_matches_single_process(results, layout):
     # the weights moved: a comparison of untrained weights would prove little
     moved = max(float((ref_weights["params"][n] - ref_weights["ema"][n]).abs().max()) for n in ref_weights["params"])
     assert moved > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["single_from_single", "tp2_pp2_from_single"])
+def test_init_from_a_checkpoint_starts_from_its_weights_in_any_layout(results, layout):
+    """train.init_from: a new run (one process, or TP=2 x PP=2) starts from exactly the weights the
+    single-process run's checkpoint holds; the TP=2 x PP=2 run then trains like one process
+    (test_layout_matches_single_process[tp2_pp2_from_single])."""
+    out, launches = results
+    assert launches[1][0] == 0 and launches[LAYOUTS[layout].world_size][0] == 0
+    got, got_weights = load(out, layout)
+    _, source = load(out, "single")
+    initial = got_weights["initial"]
+    assert initial.keys() == source["params"].keys()
+    for name, expected in source["params"].items():
+        assert torch.equal(initial[name], expected), f"{layout}: {name} is not the checkpoint's"
+    assert got["steps"] == [1, 2, 3, 4]  # a new run: its own step count, optimizer and MLflow run
+    assert got["mlflow_run_id"] != load(out, "single")[0]["mlflow_run_id"]
 
 
 # ---- layouts that must fail at start-up, with one line that says why ------------------------------

@@ -40,7 +40,7 @@ def network_prefix(module: nn.Module) -> str:
     return ""
 
 
-def _network_parameters(module: nn.Module):
+def network_parameters(module: nn.Module):
     """(name in ``module``, name in EsoTransformer, parameter) for the network's parameters."""
     from deepspeed.pipe import PipelineModule
 
@@ -100,7 +100,7 @@ def full_state_dict(engine_module: nn.Module, topo: Topology) -> dict[str, torch
     ZeRO stage, so a TP=2 / ZeRO-3 model compares directly with a single-process one.
     """
     full = {}
-    for _, name, param in _network_parameters(engine_module):
+    for _, name, param in network_parameters(engine_module):
         if is_zero3_partitioned(param):
             import deepspeed
 
@@ -119,7 +119,7 @@ def full_ema_state_dict(ema, module: nn.Module, topo: Topology) -> dict[str, tor
     it is gathered over the DP group first, then over the TP group like the live weights.
     """
     full = {}
-    for key, name, param in _network_parameters(module):
+    for key, name, param in network_parameters(module):
         shadow = ema.shadow[key].detach().float()
         if is_zero3_partitioned(param):
             shadow = gather_zero3_partition(shadow, param)
