@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared set-up for the sbatch scripts in this folder (sourced, not run). See docs/cluster.md.
+# Shared set-up for the sbatch scripts in this folder (sourced, not run). See README.md, "Cluster (SLURM)".
 #
 # Environment (all optional; defaults in brackets):
 #   ESOLM_HOME          the repository [the folder above the submitted script, else $SLURM_SUBMIT_DIR]

@@ -83,12 +83,21 @@ def test_a_new_run_starts_from_an_export(trained, tmp_path, shard_dir, capsys):
 
     run_dir, trainer = trained
     path = export(run_dir, tmp_path / "export")
-    warm = Trainer(tiny_config(tmp_path / "warm", shard_dir, f"train.init_from={path}"))
+    warm = Trainer(tiny_config(tmp_path / "warm", shard_dir, f"train.init_from={path}", "train.max_steps=2"))
     source = {k: v for k, v in trainer.network.state_dict().items() if isinstance(v, torch.Tensor)}
     loaded = {k: v for k, v in warm.network.state_dict().items() if isinstance(v, torch.Tensor)}
     assert loaded.keys() == source.keys()
     for name, tensor in source.items():
         assert torch.equal(loaded[name], tensor), name
+    # once the new run has a checkpoint of its own, a restart resumes from it (a requeued job)
+    warm.fit()
+    trained_warm = {k: v.clone() for k, v in warm.network.state_dict().items() if isinstance(v, torch.Tensor)}
+    again = Trainer(tiny_config(tmp_path / "warm", shard_dir, f"train.init_from={path}", "train.max_steps=2"))
+    again.resume()
+    assert again.state.step == 2
+    for name, tensor in again.network.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            assert torch.equal(tensor, trained_warm[name]), name
     with pytest.raises(CheckpointError, match="has 2 layers, this run 3; set model.num_layers=2"):
         Trainer(tiny_config(tmp_path / "deeper", shard_dir, f"train.init_from={path}", "model.num_layers=3"))
     with pytest.raises(CheckpointError, match=r"gives shape \[.*\] here, the model has .*; set model.\*"):
