@@ -80,57 +80,55 @@ def _load(path: Path) -> dict:
                               "step or re-save the checkpoint") from None
 
 
+# Training-network name prefix <-> export (reference layout) prefix, both directions. Inside a block
+# (after "blocks.N.") the layer norms keep their names.
+TOP_LEVEL_NAMES = (("embedding.word.", "embed."), ("head.final_ln.", "final_ln."), ("head.output.", "head."))
+BLOCK_NAMES = (("qkv.", "attn.qkv."), ("out.", "attn.out."), ("fc1.", "mlp.fc1."), ("fc2.", "mlp.fc2."),
+               ("ln1.", "ln1."), ("ln2.", "ln2."))
+
+
+def _rename(name: str, to_export: bool) -> str | None:
+    """One tensor name in the other naming, or None when no rule covers it."""
+    source, target = (0, 1) if to_export else (1, 0)
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        prefix, rest, rules = f"blocks.{parts[1]}.", ".".join(parts[2:]), BLOCK_NAMES
+    else:
+        prefix, rest, rules = "", name, TOP_LEVEL_NAMES
+    for rule in rules:
+        if rest.startswith(rule[source]):
+            return prefix + rule[target] + rest[len(rule[source]):]
+    return None
+
+
+def _reorder_qkv(tensor: torch.Tensor, num_heads: int, to_export: bool) -> torch.Tensor:
+    """Megatron's QKV rows are per head ([q, k, v] of head 0, then head 1, ...); the export's are
+    [all q; all k; all v]. The same transpose goes either way, from the other grouping."""
+    rows, hidden = tensor.shape
+    grouping = (num_heads, 3) if to_export else (3, num_heads)
+    return tensor.view(*grouping, rows // (3 * num_heads), hidden).transpose(0, 1).reshape(rows, hidden)
+
+
+def _convert_layout(weights: dict[str, torch.Tensor], num_heads: int, to_export: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in weights.items():
+        renamed = _rename(name, to_export)
+        if renamed is None:
+            where = "checkpoint" if to_export else "export"
+            error = CheckpointError if to_export else ExportError
+            raise error(f"unexpected tensor {name} in the {where}; it was not written by this version of esolm-dist")
+        out[renamed] = _reorder_qkv(tensor, num_heads, to_export) if renamed.endswith("qkv.weight") else tensor
+    return out
+
+
 def to_reference_layout(network: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
     """Megatron names and QKV row order -> the export's reference names and [all q; all k; all v]."""
-    out = {}
-    for name, tensor in network.items():
-        parts = name.split(".")
-        if name == "embedding.word.weight":
-            out["embed.weight"] = tensor
-        elif parts[0] == "blocks":
-            layer, rest = parts[1], ".".join(parts[2:])
-            if rest == "qkv.weight":
-                rows, hidden = tensor.shape
-                per_head = tensor.view(num_heads, 3, rows // (3 * num_heads), hidden)
-                tensor = per_head.transpose(0, 1).reshape(rows, hidden)
-                rest = "attn.qkv.weight"
-            elif rest.startswith("out."):
-                rest = "attn." + rest
-            elif rest.startswith(("fc1.", "fc2.")):
-                rest = "mlp." + rest
-            out[f"blocks.{layer}.{rest}"] = tensor
-        elif name.startswith("head.final_ln."):
-            out[name[len("head."):]] = tensor
-        elif name.startswith("head.output."):
-            out["head." + parts[-1]] = tensor
-        else:
-            raise CheckpointError(f"unexpected tensor {name} in the checkpoint; it was not written by this "
-                                  "version of esolm-dist")
-    return out
+    return _convert_layout(network, num_heads, to_export=True)
 
 
 def from_reference_layout(weights: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
     """The inverse of to_reference_layout: export names and [all q; all k; all v] -> megatron's."""
-    out = {}
-    for name, tensor in weights.items():
-        parts = name.split(".")
-        if name == "embed.weight":
-            out["embedding.word.weight"] = tensor
-        elif parts[0] == "blocks":
-            layer, rest = parts[1], ".".join(parts[2:])
-            if rest == "attn.qkv.weight":
-                rows, hidden = tensor.shape
-                per_kind = tensor.view(3, num_heads, rows // (3 * num_heads), hidden)
-                tensor = per_kind.transpose(0, 1).reshape(rows, hidden)
-            out[f"blocks.{layer}.{rest.removeprefix('attn.').removeprefix('mlp.')}"] = tensor
-        elif name.startswith("final_ln."):
-            out["head." + name] = tensor
-        elif name.startswith("head."):
-            out["head.output." + parts[-1]] = tensor
-        else:
-            raise ExportError(f"unexpected tensor {name} in the export; it was not written by this version of "
-                              "esolm-dist")
-    return out
+    return _convert_layout(weights, num_heads, to_export=False)
 
 
 def _tensors(weights: dict) -> dict[str, torch.Tensor]:

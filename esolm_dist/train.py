@@ -138,14 +138,14 @@ class Trainer:
                                      init_seed=cfg.train.seed)
             network.checkpoint_activations = cfg.parallel.activation_checkpointing
             module = EsoObjective(network, cfg.eso.variant, cfg.model.seq_len).to(topo.device)
-        if cfg.train.init_from and not self._will_resume():
+        if cfg.train.init_from and self._checkpoint_to_resume() is None:
             self._load_initial_weights(module)
         engine = build_engine(module, cfg, topo.dp_size)
         torch.manual_seed(cfg.train.seed + 7919 * self.topo.dp_rank)  # dropout differs across replicas
         return engine, network
 
-    def _will_resume(self) -> bool:
-        return self.cfg.train.resume and checkpoint.find_latest(self.cfg.train.run_dir) is not None
+    def _checkpoint_to_resume(self) -> Path | None:
+        return checkpoint.find_latest(self.cfg.train.run_dir) if self.cfg.train.resume else None
 
     def _load_initial_weights(self, module) -> None:
         from esolm_dist.parallel.warm_start import load_source_weights, read_source_weights
@@ -160,7 +160,7 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def resume(self) -> None:
-        latest = checkpoint.find_latest(self.cfg.train.run_dir) if self.cfg.train.resume else None
+        latest = self._checkpoint_to_resume()
         if latest is None:
             return
         meta, rank_state = checkpoint.load(self.engine, latest, self.topo)

@@ -66,16 +66,24 @@ def _gather_stages(local: dict[str, torch.Tensor], topo: Topology) -> dict[str, 
     return {name: tensor for stage in stages for name, tensor in stage.items()}
 
 
-def gather_tensor_parallel(local: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-    """The full tensor of a TP shard ``local`` of ``param`` (returned as is when replicated)."""
+def tensor_parallel_dim(param: nn.Parameter) -> int | None:
+    """The dimension megatron splits ``param`` along across TP ranks; None when it is replicated."""
     if not getattr(param, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_world_size() == 1:
-        return local
+        return None
     stride = getattr(param, "partition_stride", 1)
     if stride != 1:
         raise NotImplementedError(f"strided TP partitions (partition_stride={stride}) are not supported")
+    return param.partition_dim
+
+
+def gather_tensor_parallel(local: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    """The full tensor of a TP shard ``local`` of ``param`` (returned as is when replicated)."""
+    dim = tensor_parallel_dim(param)
+    if dim is None:
+        return local
     shards = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
     dist.all_gather(shards, local.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(shards, dim=param.partition_dim)
+    return torch.cat(shards, dim=dim)
 
 
 def gather_zero3_partition(partition: torch.Tensor, param: nn.Parameter) -> torch.Tensor:

@@ -20,7 +20,7 @@ from megatron.core import parallel_state as ps
 from torch import nn
 
 from esolm_dist.checkpoint import CheckpointError
-from esolm_dist.parallel.consolidate import network_parameters
+from esolm_dist.parallel.consolidate import network_parameters, tensor_parallel_dim
 
 # Parameters whose first dimension is the (padded) vocabulary: the padding depends on the TP size.
 VOCAB_ROWS = ("embedding.word.weight", "head.output.weight", "head.output.bias")
@@ -59,17 +59,17 @@ def read_source_weights(path: str | Path) -> SourceWeights:
 def local_slice(full: torch.Tensor, param: nn.Parameter, name: str) -> torch.Tensor:
     """This TP rank's part of ``full``; vocabulary rows are first cut or zero-padded to this
     layout's padded vocabulary (rows past the tokenizer's are never used)."""
-    tp_size = ps.get_tensor_model_parallel_world_size()
-    partitioned = getattr(param, "tensor_model_parallel", False) and tp_size > 1
+    dim = tensor_parallel_dim(param)
+    tp_size = ps.get_tensor_model_parallel_world_size() if dim is not None else 1
     if name in VOCAB_ROWS:
-        rows = param.shape[0] * (tp_size if partitioned else 1)
+        rows = param.shape[0] * tp_size
         if full.shape[0] >= rows:
             full = full[:rows]
         else:
             full = torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
-    if not partitioned:
+    if dim is None:
         return full
-    return full.chunk(tp_size, dim=param.partition_dim)[ps.get_tensor_model_parallel_rank()]
+    return full.chunk(tp_size, dim=dim)[ps.get_tensor_model_parallel_rank()]
 
 
 def load_source_weights(module: nn.Module, source: SourceWeights, num_layers: int, tokenizer_vocab: int,
