@@ -3,34 +3,38 @@
 Layout of ``RUN_DIR/checkpoints``::
 
     step_00000200/            DeepSpeed model + optimizer (ZeRO partitions) files
-        rank_00000.pt         this rank's RNG states, data-reader state, EMA shard
-        esolm.json            step, consumed samples, layout, config, MLflow run id
+        rank_00000.pt         this rank's RNG states, data-reader state, EMA shard (tensors and plain data)
+        esolm.json            step, consumed samples, layout, config, MLflow run id, run uid
     latest                    "step_00000200", replaced atomically after a complete save
 
 A save goes to ``step_N.partial`` and is renamed only after every rank has finished, so a
 crash mid-save never leaves a directory that ``latest`` points to or that resume accepts.
+Pruning removes only older steps of the same run (its ``run_uid``), never the step just saved.
+Every file is read weights-only (esolm_dist.safe_load): a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from esolm_dist.errors import CheckpointError
 from esolm_dist.parallel.state import Topology
+from esolm_dist.safe_load import load_file, refusal, weights_only_loads
 
 LATEST = "latest"
 META = "esolm.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or from another layout; the message names the file and the fix."""
+STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -55,7 +59,10 @@ def ensure_writable(run_dir: str | Path) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state as tensors and plain numbers (what a weights-only load rebuilds)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -63,8 +70,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -98,21 +107,54 @@ def save(engine, run_dir: str | Path, step: int, meta: dict, rank_state: dict, t
     if topo.rank == 0:
         _atomic_write_text(partial / META, json.dumps({**meta, "step": step, "layout": layout_of(topo),
                                                        "world_size": topo.world_size}, indent=2))
-        if final.exists():  # a save of the same step from an earlier, interrupted attempt
-            shutil.rmtree(final)
+        if final.exists():  # this step saved before, and latest was moved back past it: keep that copy
+            kept = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(final, kept)
+            print(f"esolm-train: {final} already existed; moved it to {kept}", flush=True)
         os.replace(partial, final)
         _atomic_write_text(root / LATEST, final.name)
-        _prune(root, keep_last)
+        _prune(root, keep_last, meta.get("run_uid"), step)
     dist.barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
-    for old in complete[:-keep_last]:
+def _step_dirs(root: Path) -> dict[int, Path]:
+    """Complete step directories by step number (never by name order alone)."""
+    return {int(m.group(1)): p for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()}
+
+
+def _prune(root: Path, keep_last: int, run_uid: str | None, saved_step: int) -> None:
+    """Keep the newest ``keep_last`` steps up to ``saved_step`` of this run; steps of other runs,
+    later steps and the one just saved are never removed."""
+    ours = []
+    for step, path in sorted(_step_dirs(root).items()):
+        if step <= saved_step and run_uid is not None and _run_uid_of(path) == run_uid:
+            ours.append(path)
+    for old in ours[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("step_*.partial"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _run_uid_of(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / META).read_text()).get("run_uid")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    root = checkpoint_root(run_dir)
+    return root.is_dir() and (bool(_step_dirs(root)) or (root / LATEST).exists())
+
+
+def set_aside(run_dir: str | Path) -> Path:
+    """Move RUN_DIR/checkpoints to checkpoints.replaced-TIME (nothing is deleted); returns the new place."""
+    root = checkpoint_root(run_dir)
+    aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(root, aside)
+    root.mkdir()
+    return aside
 
 
 def find_latest(run_dir: str | Path) -> Path | None:
@@ -129,23 +171,48 @@ def find_latest(run_dir: str | Path) -> Path | None:
 
 
 def read_meta(directory: Path) -> dict:
+    path = directory / META
     try:
-        return json.loads((directory / META).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{directory / META} is unreadable ({exc}); the checkpoint is damaged: point "
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc}); the checkpoint is damaged: point "
                               "latest at an earlier step_* directory") from None
+    missing = [key for key in META_KEYS if key not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it was not written by esolm-train (or is "
+                              "damaged): point latest at an earlier step_* directory")
+    return meta
 
 
-def load(engine, directory: Path, topo: Topology) -> tuple[dict, dict]:
-    """Restore the engine in place; returns (meta, this rank's state)."""
-    meta = read_meta(directory)
+META_KEYS = ("step", "layout", "config", "consumed_samples", "tokenizer_vocab", "mask_id")
+# Keys whose change makes a checkpoint's tensors another shape: named when a resume does not fit.
+MODEL_SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_pad_multiple")
+
+
+def check_fits(meta: dict, directory: Path, model_config: dict, topo: Topology) -> None:
+    """The checkpoint was written by this model size and layout; otherwise one line naming the keys."""
+    saved = meta["config"].get("model", {})
+    differing = [f"model.{key}={saved.get(key)} (this run: {model_config[key]})" for key in MODEL_SHAPE_KEYS
+                 if saved.get(key) != model_config[key]]
+    if differing:
+        raise CheckpointError(f"{directory} is of another model size: {', '.join(differing)}; set those keys to the "
+                              "checkpoint's values to resume it, or give the new model its own train.run_dir")
     if meta["layout"] != layout_of(topo):
         raise CheckpointError(f"{directory} was written with layout {meta['layout']} but this run uses "
                               f"{layout_of(topo)}; resume with the same parallel layout (tools/convert.py "
                               "exports to any layout)")
+
+
+def load(engine, directory: Path, topo: Topology, model_config: dict) -> tuple[dict, dict]:
+    """Restore the engine in place; returns (meta, this rank's state). No file can run code."""
+    meta = read_meta(directory)
+    check_fits(meta, directory, model_config, topo)
     try:
-        loaded, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+        with weights_only_loads():
+            loaded, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name,
+                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+    except pickle.UnpicklingError as exc:
+        raise refusal(directory, exc) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{directory} could not be loaded ({str(exc).splitlines()[0][:200]}); the files are "
                               "truncated or corrupt: point latest at an earlier step_* directory") from None
@@ -153,7 +220,9 @@ def load(engine, directory: Path, topo: Topology) -> tuple[dict, dict]:
         raise CheckpointError(f"DeepSpeed found no model files in {directory}; point latest at a complete checkpoint")
     rank_path = _rank_file(directory, topo.rank)
     try:
-        rank_state = torch.load(rank_path, map_location="cpu", weights_only=False)
+        rank_state = load_file(rank_path)
+    except CheckpointError:
+        raise  # refused as unsafe: the message says why
     except (OSError, RuntimeError, EOFError) as exc:
         raise CheckpointError(f"{rank_path} is missing or truncated ({exc.__class__.__name__}); the checkpoint is "
                               "incomplete: point latest at an earlier step_* directory") from None

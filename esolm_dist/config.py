@@ -9,6 +9,7 @@ that names the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,7 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int = 2
     resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
+    overwrite: bool = False  # with resume=false: move existing checkpoints aside and start over
     init_from: str = ""  # a new run's weights: an export folder or a checkpoint of any layout
 
 
@@ -166,9 +168,12 @@ def _coerce(value, annotation, key: str):
         if isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+        return number
     if not isinstance(value, (str, int, float)):
         raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
     return str(value)
@@ -259,7 +264,11 @@ def validate(cfg: RunConfig) -> None:
         _check(value in allowed, f"config key '{key}' is {value!r}; allowed values: {', '.join(map(str, allowed))}")
     m, e, t, o = cfg.model, cfg.eso, cfg.train, cfg.optim
     for key in ("num_layers", "hidden_size", "num_heads", "seq_len", "vocab_pad_multiple"):
-        _check(getattr(m, key) > 0, f"config key 'model.{key}' must be a positive integer")
+        _check(getattr(m, key) > 0, f"config key 'model.{key}' must be a positive integer, got {getattr(m, key)}")
+    _check(m.ffn_hidden_size >= 0, f"config key 'model.ffn_hidden_size' must be >= 0 (0 = 4 x hidden), got "
+           f"{m.ffn_hidden_size}")
+    for key in ("rotary_base", "layernorm_eps", "init_std"):
+        _check(getattr(m, key) > 0, f"config key 'model.{key}' must be > 0, got {getattr(m, key)}")
     _check(m.hidden_size % m.num_heads == 0,
            f"config key 'model.hidden_size' ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
     _check((m.hidden_size // m.num_heads) % 2 == 0, "model.hidden_size / model.num_heads must be even (rotary halves)")
@@ -276,16 +285,25 @@ def validate(cfg: RunConfig) -> None:
            "sequences are packed two per 2L row; use a micro-batch divisible by 4 (or by 2 when alpha0 = 1)")
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "eval_every", "save_every",
                 "keep_last", "eval_batches"):
-        _check(getattr(t, key) > 0, f"config key 'train.{key}' must be a positive integer")
+        _check(getattr(t, key) > 0, f"config key 'train.{key}' must be a positive integer, got {getattr(t, key)}")
+    _check(t.seed >= 0, f"config key 'train.seed' must be >= 0, got {t.seed}")
     _check(t.global_batch_size % t.micro_batch_size == 0,
            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
            f"({t.micro_batch_size})")
-    _check(o.lr > 0, "config key 'optim.lr' must be positive")
+    _check(not (t.overwrite and t.resume), "train.overwrite=true needs train.resume=false (overwrite moves the old "
+           "checkpoints aside and starts over)")
+    _check(o.lr > 0, f"config key 'optim.lr' must be a finite number > 0, got {o.lr}")
+    _check(o.warmup_steps >= 0, f"config key 'optim.warmup_steps' must be >= 0, got {o.warmup_steps}")
+    _check(o.weight_decay >= 0, f"config key 'optim.weight_decay' must be >= 0, got {o.weight_decay}")
+    for key in ("beta1", "beta2"):
+        _check(0.0 <= getattr(o, key) < 1.0, f"config key 'optim.{key}' must be in [0, 1), got {getattr(o, key)}")
+    _check(o.adam_eps > 0, f"config key 'optim.adam_eps' must be > 0, got {o.adam_eps}")
     _check(0.0 <= o.ema < 1.0, f"config key 'optim.ema' must be in [0, 1), got {o.ema}")
-    _check(0.0 < o.min_lr_ratio <= 1.0, "config key 'optim.min_lr_ratio' must be in (0, 1]")
-    _check(o.grad_clip >= 0, "config key 'optim.grad_clip' must be >= 0 (0 disables clipping)")
-    _check(0.0 <= cfg.data.val_fraction < 1.0, "config key 'data.val_fraction' must be in [0, 1)")
-    _check(cfg.data.num_workers >= 0, "config key 'data.num_workers' must be >= 0")
+    _check(0.0 < o.min_lr_ratio <= 1.0, f"config key 'optim.min_lr_ratio' must be in (0, 1], got {o.min_lr_ratio}")
+    _check(o.grad_clip >= 0, f"config key 'optim.grad_clip' must be >= 0 (0 disables clipping), got {o.grad_clip}")
+    _check(0.0 <= cfg.data.val_fraction < 1.0,
+           f"config key 'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
+    _check(cfg.data.num_workers >= 0, f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
     _check(cfg.logging.samples >= 0, "config key 'logging.samples' must be >= 0 (0 logs no samples)")
     p = cfg.parallel
     _check(p.tensor >= 1 and p.pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1")

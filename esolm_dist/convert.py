@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from esolm_dist.checkpoint import LATEST, META, CheckpointError, checkpoint_root
+from esolm_dist.checkpoint import LATEST, META, CheckpointError, checkpoint_root, read_meta
 from esolm_dist.inference.export_io import ExportConfig, ExportError, write_export
 from esolm_dist.parallel.pipeline import network_name
+from esolm_dist.safe_load import load_file, refusal, weights_only_loads
 
 # Which dimension megatron-core splits across TP ranks, by parameter suffix (None = replicated).
 PARTITION_DIM = {
@@ -72,7 +74,9 @@ def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]], source: Path) -
 
 def _load(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_file(path)
+    except CheckpointError:
+        raise  # refused as unsafe: the message says why
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: export an earlier step") from None
     except (RuntimeError, EOFError, OSError) as exc:
@@ -161,7 +165,10 @@ def _zero3_weights(directory: Path, tp_rank: int) -> dict[str, torch.Tensor]:
         for file in directory.glob(f"*mp_rank_{tp_rank:02d}_*states.pt"):
             (view / file.name).symlink_to(file.resolve())
         try:
-            weights = get_fp32_state_dict_from_zero_checkpoint(scratch, tag=directory.name)
+            with weights_only_loads():
+                weights = get_fp32_state_dict_from_zero_checkpoint(scratch, tag=directory.name)
+        except pickle.UnpicklingError as exc:
+            raise refusal(directory, exc) from None
         except (ValueError, FileNotFoundError, RuntimeError, EOFError) as exc:
             raise CheckpointError(f"{directory}: ZeRO-3 partitions of TP rank {tp_rank} are missing or truncated "
                                   f"({str(exc).splitlines()[0][:160]}); export an earlier step") from None
@@ -202,7 +209,7 @@ def _ema_weights(directory: Path, tp_rank: int, layout: dict, num_layers: int,
 
 def read_checkpoint_weights(directory: Path, use_ema: bool) -> tuple[dict, dict[str, torch.Tensor]]:
     """(meta, the network's full fp32 weights in the EsoTransformer naming) for any TP x PP layout and ZeRO stage."""
-    meta = json.loads((directory / META).read_text())
+    meta = read_meta(directory)
     layout, zero_stage = meta["layout"], meta["config"]["parallel"]["zero_stage"]
     num_layers = meta["config"]["model"]["num_layers"]
     shards = []

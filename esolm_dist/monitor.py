@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from esolm_dist.config import RunConfig, flatten, to_dict
@@ -18,6 +20,15 @@ def _prepare_sqlite_dir(uri: str) -> str | None:
     return (folder / "mlartifacts").as_uri()
 
 
+@contextmanager
+def _store_setup_lock(uri: str):
+    """Two trainers opening a new sqlite store at once would both create its tables (one crashes
+    inside MLflow): the first to take this lock creates the store and experiment, the other waits."""
+    with open(Path(uri[len("sqlite:///"):]).resolve().with_suffix(".setup-lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 class MlflowMonitor:
     """Logs metrics every N steps; on resume it reopens the run and never logs a step twice."""
 
@@ -30,11 +41,17 @@ class MlflowMonitor:
         uri = os.environ.get("MLFLOW_TRACKING_URI", cfg.logging.mlflow_uri)
         artifact_location = _prepare_sqlite_dir(uri)
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        if run_id is None:
+        self.notice = None  # said once by the trainer
+        with _store_setup_lock(uri) if artifact_location else nullcontext():
+            self.client = MlflowClient(tracking_uri=uri)
             experiment = self.client.get_experiment_by_name(cfg.logging.experiment)
             experiment_id = (experiment.experiment_id if experiment else
                              self.client.create_experiment(cfg.logging.experiment, artifact_location=artifact_location))
+        if run_id is not None and not self._has_run(run_id):
+            self.notice = (f"MLflow run {run_id} of the checkpoint is not in {uri} (a moved run folder or a changed "
+                           "logging.mlflow_uri); logging to a new MLflow run, the old run stays in its own store")
+            run_id = None
+        if run_id is None:
             name = cfg.logging.run_name or Path(cfg.train.run_dir).name
             run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
             params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
@@ -50,6 +67,15 @@ class MlflowMonitor:
             self.resumed_through = max((m.step for m in history), default=-1)
         self.run_id = run_id
 
+    def _has_run(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Log metrics at ``step``; steps already in the run from before a resume are skipped."""
         if step <= self.resumed_through:
@@ -60,5 +86,6 @@ class MlflowMonitor:
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
-    def close(self, finished: bool) -> None:
-        self.client.set_terminated(self.run_id, status="FINISHED" if finished else "KILLED")
+    def close(self, status: str) -> None:
+        """FINISHED (max_steps reached), KILLED (stopped by a signal, resumable) or FAILED (an error)."""
+        self.client.set_terminated(self.run_id, status=status)

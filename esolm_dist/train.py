@@ -14,6 +14,7 @@ import itertools
 import math
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from esolm_dist.ema import EMA
 from esolm_dist.eso.rows import build_rows, noise_generator
 from esolm_dist.flops import device_peak_flops, train_flops_per_row
 from esolm_dist.inference.export_io import ExportError
-from esolm_dist.parallel.state import Topology, check_layout, init_parallel, launch_env
+from esolm_dist.parallel.state import Topology, check_layout, decided_on_rank0, init_parallel, launch_env
+from esolm_dist.run_lock import RunLock, RunLockError
 from esolm_dist.signals import StopRequest
 
 BUNDLED = "bundled"
@@ -38,6 +40,7 @@ BUNDLED = "bundled"
 class TrainState:
     step: int = 0
     consumed_samples: int = 0
+    run_uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # which checkpoints are this run's
     mlflow_run_id: str | None = None
     last_val_nelbo: float | None = None
     history: list[dict] = field(default_factory=list)  # per logged step: the metrics (returned to callers)
@@ -107,6 +110,32 @@ class Trainer:
         self.stop = StopRequest(self.topo.device)  # early: a signal during start-up stops at the first step
         say(self.topo, "esolm-train: resolved config\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
         checkpoint.ensure_writable(cfg.train.run_dir)
+        self.run_lock = RunLock(cfg.train.run_dir)
+        for note in decided_on_rank0(self.topo, self._claim_run_dir):
+            say(self.topo, f"esolm-train: {note}")
+        try:
+            self._build()
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    def _claim_run_dir(self) -> list[str]:
+        """Rank 0: lock the run folder; with resume=false, refuse to mix a new run into old checkpoints
+        unless train.overwrite moves them aside. Returns what to tell the user."""
+        run_dir = self.cfg.train.run_dir
+        notes = [note] if (note := self.run_lock.acquire()) else []
+        if not self.cfg.train.resume and checkpoint.has_checkpoints(run_dir):
+            if not self.cfg.train.overwrite:
+                self.run_lock.release()
+                raise checkpoint.CheckpointError(
+                    f"{checkpoint.checkpoint_root(run_dir)} holds checkpoints and train.resume=false would start a new "
+                    "run among them; set train.resume=true to continue it, train.overwrite=true to move them aside "
+                    "and start over, or use another train.run_dir")
+            notes.append(f"train.overwrite: moved the old checkpoints to {checkpoint.set_aside(run_dir)}")
+        return notes
+
+    def _build(self) -> None:
+        cfg = self.cfg
         self.tokenizer = prepare_data(cfg, self.topo)
         self.mask_id = self.tokenizer.mask_id
         self.engine, self.network = self._build_engine()
@@ -163,9 +192,10 @@ class Trainer:
         latest = self._checkpoint_to_resume()
         if latest is None:
             return
-        meta, rank_state = checkpoint.load(self.engine, latest, self.topo)
+        meta, rank_state = checkpoint.load(self.engine, latest, self.topo, to_dict(self.cfg)["model"])
         self.state.step = meta["step"]
         self.state.consumed_samples = meta["consumed_samples"]
+        self.state.run_uid = meta.get("run_uid") or self.state.run_uid
         self.state.mlflow_run_id = meta.get("mlflow_run_id")
         self.state.last_val_nelbo = meta.get("val_nelbo")
         checkpoint.set_rng_state(rank_state["rng"])
@@ -175,7 +205,8 @@ class Trainer:
         say(self.topo, f"esolm-train: resumed from {latest} at step {self.state.step}")
 
     def save(self) -> Path:
-        meta = {"consumed_samples": self.state.consumed_samples, "mlflow_run_id": self.state.mlflow_run_id,
+        meta = {"consumed_samples": self.state.consumed_samples, "run_uid": self.state.run_uid,
+                "mlflow_run_id": self.state.mlflow_run_id,
                 "val_nelbo": self.state.last_val_nelbo,
                 "config": to_dict(self.cfg), "tokenizer_vocab": self.tokenizer.vocab_size, "mask_id": self.mask_id}
         rank_state = {"rng": checkpoint.rng_state(), "data": self.train_loader.state_dict(),
@@ -246,6 +277,18 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> TrainState:
+        """Train to max_steps or a stop signal. However it ends, the run folder's lock is released; an
+        error marks the MLflow run FAILED before it propagates."""
+        try:
+            return self._loop()
+        except BaseException:
+            if self.monitor is not None:
+                self.monitor.close("FAILED")
+            raise
+        finally:
+            self.run_lock.release()
+
+    def _loop(self) -> TrainState:
         cfg, topo, state = self.cfg, self.topo, self.state
         self.resume()
         if topo.is_logging_rank:
@@ -254,6 +297,8 @@ class Trainer:
             config_file = Path(cfg.train.run_dir) / "config.yaml"
             config_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             self.monitor = MlflowMonitor(cfg, state.mlflow_run_id, config_file)
+            if self.monitor.notice:
+                print(f"esolm-train: {self.monitor.notice}", flush=True)
             state.mlflow_run_id = self.monitor.run_id
         run_ids = [state.mlflow_run_id]
         dist.broadcast_object_list(run_ids, src=_logging_rank(topo))
@@ -302,7 +347,8 @@ class Trainer:
                 break
         finished = state.step >= cfg.train.max_steps
         if self.monitor is not None:
-            self.monitor.close(finished=finished)
+            self.monitor.close("FINISHED" if finished else "KILLED")
+            self.monitor = None
         say(topo, f"esolm-train: {'finished' if finished else 'stopped'} at step {state.step}; checkpoint "
                   f"{checkpoint.checkpoint_root(cfg.train.run_dir) / checkpoint.tag_for(saved_at)}; "
                   f"MLflow run {state.mlflow_run_id} ({cfg.logging.mlflow_uri}; `mlflow ui --backend-store-uri "
@@ -377,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         Trainer(cfg).fit()
-    except (ConfigError, checkpoint.CheckpointError, DataError, ExportError) as exc:
+    except (ConfigError, checkpoint.CheckpointError, DataError, ExportError, RunLockError, FloatingPointError) as exc:
         print(f"esolm-train: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -6,14 +6,17 @@ import datetime
 import hashlib
 import os
 import shutil
-import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from esolm_dist.config import ConfigError, ParallelConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,6 @@ class Topology:
     def is_logging_rank(self) -> bool:
         """The one rank that logs: DP rank 0, TP rank 0, on the last stage (it holds the loss)."""
         return self.dp_rank == 0 and self.tp_rank == 0 and self.is_last_stage
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_env() -> dict[str, int]:
@@ -113,16 +110,16 @@ def init_parallel(pcfg: ParallelConfig) -> Topology:
     dp_size = check_layout(pcfg, env["world_size"])
     if not dist.is_initialized():
         backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        rendezvous = {"init_method": "env://"}
         if env["world_size"] == 1 and "MASTER_PORT" not in os.environ:
-            # One process on its own: a private rendezvous that leaves os.environ alone, so the
-            # processes it starts (tests, tools) never inherit a port or a rank meant for it.
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            # One process on its own: an in-process store (no listening socket) that leaves
+            # os.environ alone, so the processes it starts never inherit a port or rank meant for it.
+            rendezvous = {"store": dist.HashStore()}
         else:
-            init_method = "env://"
             # DeepSpeed reads these when it wires itself to our process group (SLURM sets none).
             os.environ.update(RANK=str(env["rank"]), WORLD_SIZE=str(env["world_size"]))
-        dist.init_process_group(backend=backend, init_method=init_method, rank=env["rank"],
-                                world_size=env["world_size"], timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend=backend, rank=env["rank"], world_size=env["world_size"],
+                                timeout=datetime.timedelta(minutes=30), **rendezvous)
     os.environ["LOCAL_RANK"] = str(env["local_rank"])  # DeepSpeed's engine needs it even in one process
     pin_extensions_dir()  # before DeepSpeed's comm loads its JIT-built shared-memory op
     import deepspeed
@@ -145,6 +142,22 @@ def init_parallel(pcfg: ParallelConfig) -> Topology:
         pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=pcfg.pipeline,
         dp_rank=ps.get_data_parallel_rank(), dp_size=dp_size, device=device,
     )
+
+
+def decided_on_rank0(topo: Topology, decide: Callable[[], T]) -> T:
+    """Run ``decide()`` on global rank 0 and hand its result to every rank; an exception it raises is
+    raised on every rank, so all stop together instead of waiting in the next collective."""
+    outcome = [None, None]
+    if topo.rank == 0:
+        try:
+            outcome[0] = decide()
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank just below
+            outcome[1] = exc
+    if topo.world_size > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
 
 
 def reset_model_parallel() -> None:
