@@ -191,6 +191,19 @@ def test_checkpoints_load_weights_only(saved_run):
     assert out.stdout.strip() == "[[], []]"
 
 
+def test_zero_optimizer_files_resume_weights_only(tmp_path, shard_dir, single_process):
+    """Bug caught: an allowlist too short for DeepSpeed's own ZeRO optimizer files (bf16 ZeRO-1 and ZeRO-2
+    store a loss scaler, a stage enum and fragment addresses): esolm-train refusing its own checkpoints."""
+    for name, extra in (("bf16_zero1", ["parallel.zero_stage=1", "parallel.precision=bf16"]),
+                        ("zero2", ["parallel.zero_stage=2"])):
+        run_dir = tmp_path / name
+        Trainer(tiny_config(run_dir, shard_dir, "train.max_steps=2", "train.save_every=2", "logging.samples=0",
+                            *extra)).fit()
+        assert list((run_dir / "checkpoints" / "step_00000002").glob("*optim_states.pt"))
+        resumed = Trainer(tiny_config(run_dir, shard_dir, "train.max_steps=3", "logging.samples=0", *extra)).fit()
+        assert resumed.history[0]["step"] == 3
+
+
 # ---- resume in a run that does not fit -------------------------------------------------------------
 
 def test_resume_of_another_model_size_names_the_keys(saved_run, tmp_path, shard_dir, single_process):
@@ -277,3 +290,29 @@ def test_two_trainers_can_open_a_fresh_sqlite_store_at_once(tmp_path):
         for proc in procs:
             _, err = proc.communicate(timeout=300)
             assert proc.returncode == 0, err[-2000:]
+
+
+def test_tool_arguments_are_checked(saved_run, tmp_path, capsys):
+    """Bug caught: tools accepting impossible numbers (a traceback or garbage later) or running without
+    a required argument."""
+    from esolm_dist.convert import export
+    from esolm_dist.convert import main as convert_main
+    from esolm_dist.inference.cli import main as sample_main
+    from esolm_dist.inference.likelihood import main as likelihood_main
+
+    model = str(export(saved_run / "checkpoints" / "latest", tmp_path / "export"))
+    capsys.readouterr()
+    for bad, message in ((["--steps", "0"], "--steps must be >= 1, got 0"),
+                         (["--top-p", "1.5"], "--top-p must lie in (0, 1], got 1.5"),
+                         (["--alpha0", "-0.5"], "--alpha0 must lie in [0, 1], got -0.5")):
+        assert sample_main(["--model", model, "--length", "8", *bad]) == 2
+        assert capsys.readouterr().err.strip() == f"esolm-sample: error: {message}"
+    for bad, message in ((["--orders", "0"], "--orders must be >= 1, got 0"),
+                         (["--batches", "-1"], "--batches must be >= 1, got -1")):
+        with pytest.raises(SystemExit) as info:
+            likelihood_main(["--model", model, "--shards", str(tmp_path), *bad])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    for argv in (["export", "--checkpoint", str(saved_run)], ["export", "--out", str(tmp_path / "x")]):
+        with pytest.raises(SystemExit) as info:
+            convert_main(argv)
+        assert info.value.code == 2 and "the following arguments are required" in capsys.readouterr().err

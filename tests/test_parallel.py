@@ -204,3 +204,19 @@ def test_zero3_checkpoint_exports_its_weights(results, tmp_path):
         exported = read_export(path).state_dict
         for name, expected in to_reference_layout(weights[kind], num_heads=2).items():
             assert torch.equal(exported[name], expected), f"{kind} {name}"
+
+
+@pytest.mark.slow
+def test_every_layouts_checkpoint_files_load_weights_only(results):
+    """Bug caught: a file DeepSpeed writes in some layout (pipeline layer files, ZeRO-1/2/3 optimizer
+    partitions) needing a pickled class outside esolm_dist.safe_load's allowlist:
+    resume and export would then refuse checkpoints that esolm-train itself wrote."""
+    from esolm_dist.safe_load import load_file
+
+    out, launches = results
+    assert all(code == 0 for code, _ in launches.values())
+    files = sorted(out.glob("*/checkpoints/step_*/*.pt"))
+    layouts = {path.parents[2].name for path in files}
+    assert {"pp2", "dp2_zero1", "dp2_zero2", "dp2_zero3", "tp2_pp2_zero1"} <= layouts, layouts
+    for path in files:
+        assert isinstance(load_file(path), dict), path

@@ -49,6 +49,12 @@ def _check_args(args: argparse.Namespace, max_seq_len: int) -> str | None:
         return f"--length {args.length} must lie in [1, {max_seq_len}] (max_seq_len in {args.model}/{CONFIG_FILE})"
     if args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
         return "--num-samples and --batch-size must be positive"
+    if args.steps is not None and args.steps < 1:
+        return f"--steps must be >= 1, got {args.steps}"
+    if not 0.0 < args.top_p <= 1.0:
+        return f"--top-p must lie in (0, 1], got {args.top_p}"
+    if args.alpha0 is not None and not 0.0 <= args.alpha0 <= 1.0:
+        return f"--alpha0 must lie in [0, 1], got {args.alpha0}"
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda: no CUDA device is visible; use --device cpu"
     return None

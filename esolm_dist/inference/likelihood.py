@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    for flag, value in (("--orders", args.orders), ("--batches", args.batches), ("--batch-size", args.batch_size)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if args.alpha0 is not None and not 0.0 <= args.alpha0 <= 1.0:
+        parser.error(f"--alpha0 must lie in [0, 1], got {args.alpha0}")
     from esolm_dist.data.errors import DataError
     from esolm_dist.data.loader import build_loader
     from esolm_dist.data.tokenizer import load_tokenizer
