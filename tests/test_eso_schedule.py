@@ -32,7 +32,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("alpha0,eps,t,alpha_t,alpha_prime_t,weight", CASES)
+@pytest.mark.parametrize("alpha0,eps,t,alpha_t,alpha_prime_t,weight", CASES,
+                         ids=[f"alpha0={c[0]}-eps={c[1]}-t={c[2]}" for c in CASES])
 def test_schedule_closed_form(alpha0, eps, t, alpha_t, alpha_prime_t, weight):
     """Catches: a doubled or halved ELBO weight, a flipped sign, eps dropped from alpha_t or from
     alpha_t' (alpha_1 = 0.001 resp. 0.05 instead of 0), 1 - t in place of t, a dropped alpha_0."""
