@@ -118,6 +118,7 @@ class LoggingConfig:
     experiment: str = "esolm"
     run_name: str = ""
     samples: int = 2  # text samples logged to MLflow at each evaluation (0 = none)
+    system_metrics_s: float = 10.0  # MLflow system metrics (CPU, memory, GPU) every N seconds (0 = off)
 
 
 @dataclass
@@ -251,6 +252,62 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+@dataclass(frozen=True)
+class _Range:
+    """An allowed interval: _Range(0, 1, high_open=True) is [0, 1); _Range(1) is >= 1."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+_AT_LEAST_1, _AT_LEAST_0, _POSITIVE = _Range(1), _Range(0), _Range(0, low_open=True)
+_FRACTION = _Range(0, 1, high_open=True)  # [0, 1)
+# One table validates the keys and documents them in `esolm-train --help`.
+_RANGES = {
+    **dict.fromkeys(("model.num_layers", "model.hidden_size", "model.num_heads", "model.seq_len",
+                     "model.vocab_pad_multiple"), _AT_LEAST_1),
+    "model.ffn_hidden_size": _AT_LEAST_0,
+    **dict.fromkeys(("model.rotary_base", "model.layernorm_eps", "model.init_std"), _POSITIVE),
+    "model.dropout": _FRACTION,
+    "eso.alpha0": _Range(0, 1),
+    "eso.eps": _Range(0, 0.5, low_open=True, high_open=True),
+    **dict.fromkeys(("train.max_steps", "train.global_batch_size", "train.micro_batch_size", "train.log_every",
+                     "train.eval_every", "train.save_every", "train.keep_last", "train.eval_batches"), _AT_LEAST_1),
+    "train.seed": _AT_LEAST_0,
+    "optim.lr": _POSITIVE,
+    **dict.fromkeys(("optim.warmup_steps", "optim.weight_decay", "optim.grad_clip"), _AT_LEAST_0),
+    **dict.fromkeys(("optim.beta1", "optim.beta2", "optim.ema"), _FRACTION),
+    "optim.adam_eps": _POSITIVE,
+    "optim.min_lr_ratio": _Range(0, 1, low_open=True),
+    "data.val_fraction": _FRACTION,
+    "data.num_workers": _AT_LEAST_0,
+    "logging.samples": _AT_LEAST_0,
+    **dict.fromkeys(("parallel.tensor", "parallel.pipeline"), _AT_LEAST_1),
+}
+_OTHER_RULES = {  # checked in validate(), described here
+    "eso.batch_split": "-1 (the paper's: 0.5, or 1 / 0 at alpha0 = 1 / 0) or in [0, 1]",
+    "logging.system_metrics_s": "0 (off) or >= 1",
+    "train.overwrite": "true only with train.resume=false",
+}
+
+
+def _value(cfg: RunConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -259,54 +316,31 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Checks that need no knowledge of the world size; the parallel layout is checked at launch."""
     for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _value(cfg, key)
         _check(value in allowed, f"config key '{key}' is {value!r}; allowed values: {', '.join(map(str, allowed))}")
-    m, e, t, o = cfg.model, cfg.eso, cfg.train, cfg.optim
-    for key in ("num_layers", "hidden_size", "num_heads", "seq_len", "vocab_pad_multiple"):
-        _check(getattr(m, key) > 0, f"config key 'model.{key}' must be a positive integer, got {getattr(m, key)}")
-    _check(m.ffn_hidden_size >= 0, f"config key 'model.ffn_hidden_size' must be >= 0 (0 = 4 x hidden), got "
-           f"{m.ffn_hidden_size}")
-    for key in ("rotary_base", "layernorm_eps", "init_std"):
-        _check(getattr(m, key) > 0, f"config key 'model.{key}' must be > 0, got {getattr(m, key)}")
+    for key, allowed in _RANGES.items():
+        value = _value(cfg, key)
+        _check(value in allowed, f"config key '{key}' must be {allowed}, got {value}")
+    m, e, t = cfg.model, cfg.eso, cfg.train
     _check(m.hidden_size % m.num_heads == 0,
            f"config key 'model.hidden_size' ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
     _check((m.hidden_size // m.num_heads) % 2 == 0, "model.hidden_size / model.num_heads must be even (rotary halves)")
-    _check(0.0 <= m.dropout < 1.0, f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
-    _check(0.0 <= e.alpha0 <= 1.0, f"config key 'eso.alpha0' must be in [0, 1], got {e.alpha0}")
     _check(e.batch_split == -1.0 or 0.0 <= e.batch_split <= 1.0,
            f"config key 'eso.batch_split' must be -1 (paper default) or in [0, 1], got {e.batch_split}")
-    _check(0.0 < e.eps < 0.5, f"config key 'eso.eps' must be in (0, 0.5), got {e.eps}")
     _check(not (e.alpha0 == 0.0 and e.kappa > 0), "eso.batch_split must be 0 when eso.alpha0 = 0 (pure AR has no MDM half)")
     _check(not (e.alpha0 == 1.0 and e.kappa < 1), "eso.batch_split must be 1 when eso.alpha0 = 1 (pure MDM has no AR half)")
     n_diffusion = t.micro_batch_size * e.kappa
     _check(abs(n_diffusion - round(n_diffusion)) < 1e-9 and round(n_diffusion) % 2 == 0,
            f"train.micro_batch_size * eso.batch_split = {n_diffusion:g} must be an even integer: diffusion "
            "sequences are packed two per 2L row; use a micro-batch divisible by 4 (or by 2 when alpha0 = 1)")
-    for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "eval_every", "save_every",
-                "keep_last", "eval_batches"):
-        _check(getattr(t, key) > 0, f"config key 'train.{key}' must be a positive integer, got {getattr(t, key)}")
-    _check(t.seed >= 0, f"config key 'train.seed' must be >= 0, got {t.seed}")
     _check(t.global_batch_size % t.micro_batch_size == 0,
            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
            f"({t.micro_batch_size})")
     _check(not (t.overwrite and t.resume), "train.overwrite=true needs train.resume=false (overwrite moves the old "
            "checkpoints aside and starts over)")
-    _check(o.lr > 0, f"config key 'optim.lr' must be a finite number > 0, got {o.lr}")
-    _check(o.warmup_steps >= 0, f"config key 'optim.warmup_steps' must be >= 0, got {o.warmup_steps}")
-    _check(o.weight_decay >= 0, f"config key 'optim.weight_decay' must be >= 0, got {o.weight_decay}")
-    for key in ("beta1", "beta2"):
-        _check(0.0 <= getattr(o, key) < 1.0, f"config key 'optim.{key}' must be in [0, 1), got {getattr(o, key)}")
-    _check(o.adam_eps > 0, f"config key 'optim.adam_eps' must be > 0, got {o.adam_eps}")
-    _check(0.0 <= o.ema < 1.0, f"config key 'optim.ema' must be in [0, 1), got {o.ema}")
-    _check(0.0 < o.min_lr_ratio <= 1.0, f"config key 'optim.min_lr_ratio' must be in (0, 1], got {o.min_lr_ratio}")
-    _check(o.grad_clip >= 0, f"config key 'optim.grad_clip' must be >= 0 (0 disables clipping), got {o.grad_clip}")
-    _check(0.0 <= cfg.data.val_fraction < 1.0,
-           f"config key 'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
-    _check(cfg.data.num_workers >= 0, f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
-    _check(cfg.logging.samples >= 0, "config key 'logging.samples' must be >= 0 (0 logs no samples)")
+    _check(cfg.logging.system_metrics_s == 0 or cfg.logging.system_metrics_s >= 1,
+           f"config key 'logging.system_metrics_s' must be 0 (off) or >= 1 second, got {cfg.logging.system_metrics_s}")
     p = cfg.parallel
-    _check(p.tensor >= 1 and p.pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1")
     _check(m.num_heads % p.tensor == 0,
            f"model.num_heads ({m.num_heads}) must be divisible by parallel.tensor ({p.tensor})")
     _check(m.hidden_size % p.tensor == 0 and m.ffn_size % p.tensor == 0,
@@ -321,6 +355,23 @@ def validate(cfg: RunConfig) -> None:
     _check(not (p.precision == "bf16" and p.zero_stage == 0),
            "parallel.precision=bf16 needs parallel.zero_stage >= 1 (DeepSpeed's ZeRO-0 bf16 path takes an extra "
            "optimizer step at start)")
+
+
+def describe_keys() -> str:
+    """Every config key with its default (the quickstart), type and allowed values, for --help."""
+    lines = []
+    for section in dataclasses.fields(RunConfig):
+        cls = typing.get_type_hints(RunConfig)[section.name]
+        defaults, hints = dataclasses.asdict(cls()), typing.get_type_hints(cls)
+        for name, default in defaults.items():
+            key = f"{section.name}.{name}"
+            kind = {bool: "true or false", list: "comma-separated list"}.get(typing.get_origin(hints[name]) or
+                                                                             hints[name], hints[name].__name__)
+            allowed = (", ".join(map(str, _CHOICES[key])) if key in _CHOICES else
+                       str(_RANGES.get(key, _OTHER_RULES.get(key, ""))))
+            shown = ",".join(default) if isinstance(default, list) else yaml.safe_dump(default).split("\n")[0]
+            lines.append(f"  {key}={shown}  ({kind}{'; ' + allowed if allowed else ''})")
+    return "\n".join(lines)
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import socket
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +23,15 @@ import torch.distributed as dist
 import yaml
 
 from esolm_dist import checkpoint
-from esolm_dist.config import ConfigError, RunConfig, load_config, to_dict
+from esolm_dist.config import ConfigError, RunConfig, describe_keys, load_config, to_dict
 from esolm_dist.data.errors import DataError
 from esolm_dist.ema import EMA
 from esolm_dist.eso.rows import build_rows, noise_generator
 from esolm_dist.flops import device_peak_flops, train_flops_per_row
 from esolm_dist.inference.export_io import ExportError
+from esolm_dist.meter import StepMeter, clock, count
 from esolm_dist.parallel.state import Topology, check_layout, decided_on_rank0, init_parallel, launch_env
+from esolm_dist.provenance import run_tags
 from esolm_dist.run_lock import RunLock, RunLockError
 from esolm_dist.signals import StopRequest
 
@@ -43,6 +45,7 @@ class TrainState:
     run_uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # which checkpoints are this run's
     mlflow_run_id: str | None = None
     last_val_nelbo: float | None = None
+    best_val_nelbo: float | None = None
     history: list[dict] = field(default_factory=list)  # per logged step: the metrics (returned to callers)
 
 
@@ -198,6 +201,7 @@ class Trainer:
         self.state.run_uid = meta.get("run_uid") or self.state.run_uid
         self.state.mlflow_run_id = meta.get("mlflow_run_id")
         self.state.last_val_nelbo = meta.get("val_nelbo")
+        self.state.best_val_nelbo = meta.get("best_val_nelbo")
         checkpoint.set_rng_state(rank_state["rng"])
         self.train_loader.load_state_dict(rank_state["data"])
         if self.ema is not None and rank_state.get("ema") is not None:
@@ -207,7 +211,7 @@ class Trainer:
     def save(self) -> Path:
         meta = {"consumed_samples": self.state.consumed_samples, "run_uid": self.state.run_uid,
                 "mlflow_run_id": self.state.mlflow_run_id,
-                "val_nelbo": self.state.last_val_nelbo,
+                "val_nelbo": self.state.last_val_nelbo, "best_val_nelbo": self.state.best_val_nelbo,
                 "config": to_dict(self.cfg), "tokenizer_vocab": self.tokenizer.vocab_size, "mask_id": self.mask_id}
         rank_state = {"rng": checkpoint.rng_state(), "data": self.train_loader.state_dict(),
                       "ema": self.ema.state_dict() if self.ema is not None else None}
@@ -234,12 +238,7 @@ class Trainer:
 
             # only the first and last stage draw micro-batches (and so advance their readers)
             self.engine.train_batch(data_iter=(pipeline_inputs(r) for r in rows))
-            parts = self.engine.module.loss_fn.take()  # on the last stage only: share it with the others
-            sums = parts if parts is not None else torch.zeros(3, device=topo.device)
-            from megatron.core import parallel_state as ps
-
-            dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
+            sums = self._pipeline_loss_parts()
         else:
             sums = torch.zeros(3, device=topo.device)
             for micro_rows in rows:
@@ -254,9 +253,21 @@ class Trainer:
         return {"loss": means[0], "loss_diffusion": means[1], "loss_sequential": means[2],
                 "grad_norm": self.engine.grad_norm(), "lr": self.engine.get_lr()[0]}
 
+    def _pipeline_loss_parts(self) -> torch.Tensor:
+        """(loss, diffusion, sequential) means of the micro-batches just run, from the last stage
+        (which computed them) to every stage."""
+        from megatron.core import parallel_state as ps
+
+        parts = self.engine.module.loss_fn.take()
+        parts = parts if parts is not None else torch.zeros(3, device=self.topo.device)
+        dist.broadcast(parts, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+        return parts
+
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Validation NELBO per token (ELBO weights, fixed noise: comparable across evaluations)."""
+    def evaluate(self) -> dict[str, float]:
+        """Validation NELBO per token and its two halves (ELBO weights, fixed noise: comparable across
+        evaluations)."""
         cfg, topo = self.cfg, self.topo
         val = list(itertools.islice(make_loader(cfg, topo, self.tokenizer, "val"), cfg.train.eval_batches))
         if not val:
@@ -266,14 +277,19 @@ class Trainer:
         if topo.pp_size > 1:
             from esolm_dist.parallel.pipeline import pipeline_inputs
 
-            # DeepSpeed averages over micro-batches and DP and broadcasts to every stage
-            mean = self.engine.eval_batch(data_iter=(pipeline_inputs(r) for r in rows), num_micro_batches=len(val))
-            self.engine.module.loss_fn.take()
-            self.engine.train()
-            return float(mean)
-        total = sum(self.engine(*_row_tensors(r))["loss"].detach() for r in rows)
+            # DeepSpeed averages the loss over micro-batches and DP and broadcasts it to every stage
+            nelbo = float(self.engine.eval_batch(data_iter=(pipeline_inputs(r) for r in rows),
+                                                 num_micro_batches=len(val)))
+            halves = dp_mean(self._pipeline_loss_parts()).tolist()[1:]
+        else:
+            sums = torch.zeros(3, device=topo.device)
+            for r in rows:
+                out = self.engine(*_row_tensors(r))
+                sums += torch.stack([out["loss"], out["loss_diffusion"], out["loss_sequential"]]).detach()
+            means = dp_mean(sums / len(val)).tolist()
+            nelbo, halves = means[0], means[1:]
         self.engine.train()
-        return float(dp_mean(total / len(val)))
+        return {"nelbo": nelbo, "loss_diffusion": halves[0], "loss_sequential": halves[1]}
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -291,12 +307,58 @@ class Trainer:
     def _loop(self) -> TrainState:
         cfg, topo, state = self.cfg, self.topo, self.state
         self.resume()
+        self._open_monitor()
+        batches = iter(self.train_loader)
+        samples_per_step = cfg.train.global_batch_size
+        meter = StepMeter(state.step, cfg.train.max_steps)
+        saved_at = state.step
+        if state.step == 0:  # the baseline every later evaluation is compared with
+            self._evaluate_and_record()
+            meter.resume()  # training time starts now
+        while state.step < cfg.train.max_steps:
+            metrics = self.train_step(batches)
+            state.step += 1
+            state.consumed_samples += samples_per_step
+            meter.count_step()
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss is {metrics['loss']} at step {state.step}; lower optim.lr or "
+                                         f"check the data in {cfg.data.shard_dir}")
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+                self._log_step(metrics, *meter.take_window(), meter)
+            stopping = self.stop.agreed()
+            evaluating = state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps
+            saving = state.step % cfg.train.save_every == 0 or state.step == cfg.train.max_steps or stopping
+            if evaluating or saving:
+                meter.pause()  # tokens/s and MFU count training time only
+                if evaluating:
+                    self._evaluate_and_record()
+                if saving:
+                    self.save()
+                    saved_at = state.step
+                meter.resume()
+            if stopping:
+                say(topo, f"esolm-train: stop signal received; saved step {saved_at} and exiting")
+                break
+        meter.take_window()
+        finished = state.step >= cfg.train.max_steps
+        self._summarise(meter, saved_at, finished)
+        if self.monitor is not None:
+            self.monitor.close("FINISHED" if finished else "KILLED")
+            self.monitor = None
+        return state
+
+    def _open_monitor(self) -> None:
+        """The MLflow run on the logging rank (a new one, or the checkpoint's, continued); its id to all ranks."""
+        cfg, topo, state = self.cfg, self.topo, self.state
+        hosts = [None] * topo.world_size
+        dist.all_gather_object(hosts, socket.gethostname())
         if topo.is_logging_rank:
             from esolm_dist.monitor import MlflowMonitor
 
             config_file = Path(cfg.train.run_dir) / "config.yaml"
             config_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            self.monitor = MlflowMonitor(cfg, state.mlflow_run_id, config_file)
+            tags = run_tags(checkpoint.layout_of(topo), hosts)
+            self.monitor = MlflowMonitor(cfg, state.mlflow_run_id, config_file, tags)
             if self.monitor.notice:
                 print(f"esolm-train: {self.monitor.notice}", flush=True)
             state.mlflow_run_id = self.monitor.run_id
@@ -306,54 +368,54 @@ class Trainer:
         say(topo, f"esolm-train: MLflow run {state.mlflow_run_id} at "
                   f"{self.monitor.uri if self.monitor else cfg.logging.mlflow_uri}; "
                   f"MFU peak: {self.peak_source}")
-        batches = iter(self.train_loader)
-        samples_per_step = cfg.train.global_batch_size
-        tokens_per_step = samples_per_step * cfg.model.seq_len
-        window_start, window_steps = time.perf_counter(), 0
-        saved_at = state.step
-        if state.step == 0:  # the baseline every later evaluation is compared with
-            self._evaluate_and_record()
-        while state.step < cfg.train.max_steps:
-            metrics = self.train_step(batches)
-            state.step += 1
-            state.consumed_samples += samples_per_step
-            window_steps += 1
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss is {metrics['loss']} at step {state.step}; lower optim.lr or "
-                                         f"check the data in {cfg.data.shard_dir}")
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
-                elapsed = time.perf_counter() - window_start
-                metrics["tokens_per_s"] = tokens_per_step * window_steps / elapsed
-                if self.peak_flops:
-                    metrics["mfu"] = self.flops_per_step * window_steps / elapsed / (self.peak_flops * topo.world_size)
-                if topo.device.type == "cuda":
-                    metrics["memory_gb"] = torch.cuda.max_memory_allocated(topo.device) / 2**30
-                self._record(metrics)
-                say(topo, f"step {state.step:>6} loss {metrics['loss']:.4f} (mdm {metrics['loss_diffusion']:.4f} "
-                          f"ar {metrics['loss_sequential']:.4f}) lr {metrics['lr']:.2e} "
-                          f"gnorm {metrics['grad_norm']:.3f} {metrics['tokens_per_s']:.0f} tok/s "
-                          f"attention={self.attention_backend()}", from_logging_rank=True)
-                window_start, window_steps = time.perf_counter(), 0
-            if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps:
-                self._evaluate_and_record()
-                window_start = time.perf_counter()  # throughput counts training time only
-            stopping = self.stop.agreed()
-            if state.step % cfg.train.save_every == 0 or state.step == cfg.train.max_steps or stopping:
-                self.save()
-                saved_at = state.step
-                window_start = time.perf_counter()
-            if stopping:
-                say(topo, f"esolm-train: stop signal received; saved step {saved_at} and exiting")
-                break
-        finished = state.step >= cfg.train.max_steps
+
+    def _log_step(self, metrics: dict[str, float], steps: int, seconds: float, meter: StepMeter) -> None:
+        """One console line and one MLflow record per log step (the only host syncs of the loop)."""
+        cfg, topo, state = self.cfg, self.topo, self.state
+        tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
+        metrics["tokens_per_s"] = tokens_per_step * steps / seconds
+        metrics["step_time_s"] = seconds / steps
+        metrics["tokens_seen"] = state.consumed_samples * cfg.model.seq_len
+        if self.peak_flops:
+            metrics["mfu"] = self.flops_per_step * steps / seconds / (self.peak_flops * topo.world_size)
+        memory = ""
+        if topo.device.type == "cuda":
+            metrics["memory_gb"] = torch.cuda.max_memory_allocated(topo.device) / 2**30
+            memory = f" | mem {metrics['memory_gb']:.1f} GiB"
+            torch.cuda.reset_peak_memory_stats(topo.device)
+        self._record("train", metrics)
+        eta = meter.eta(state.step)
+        mfu = f" mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
+        say(topo, f"step {state.step:>6}/{cfg.train.max_steps} loss {metrics['loss']:.4f} "
+                  f"(mdm {metrics['loss_diffusion']:.4f} ar {metrics['loss_sequential']:.4f}) lr {metrics['lr']:.2e} "
+                  f"gnorm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s{mfu} "
+                  f"{metrics['step_time_s']:.2f} s/step | elapsed {clock(meter.elapsed())} ETA "
+                  f"{clock(eta) if eta is not None else '-'} | tokens {count(metrics['tokens_seen'])}{memory} | "
+                  f"attention={self.attention_backend()}", from_logging_rank=True)
+
+    def _summarise(self, meter: StepMeter, saved_at: int, finished: bool) -> None:
+        """The end-of-run summary: console and MLflow (summary/...)."""
+        cfg, topo, state = self.cfg, self.topo, self.state
+        tokens = meter.total_steps * cfg.train.global_batch_size * cfg.model.seq_len
+        summary = {"steps": meter.total_steps, "seconds": meter.elapsed(), "tokens": tokens,
+                   "tokens_per_s": tokens / meter.total_seconds if meter.total_seconds else 0.0}
+        if self.peak_flops and meter.total_seconds:
+            summary["mfu"] = (self.flops_per_step * meter.total_steps / meter.total_seconds
+                              / (self.peak_flops * topo.world_size))
+        for key in ("last_val_nelbo", "best_val_nelbo"):
+            if getattr(state, key) is not None:
+                summary[key] = getattr(state, key)
         if self.monitor is not None:
-            self.monitor.close("FINISHED" if finished else "KILLED")
-            self.monitor = None
-        say(topo, f"esolm-train: {'finished' if finished else 'stopped'} at step {state.step}; checkpoint "
+            self.monitor.log_summary(summary, state.step)
+        val = (f"validation NELBO/token final {state.last_val_nelbo:.4f}, best {state.best_val_nelbo:.4f}; "
+               if state.last_val_nelbo is not None else "")
+        mfu = f", MFU {100 * summary['mfu']:.1f}%" if "mfu" in summary else ""
+        say(topo, f"esolm-train: {'finished' if finished else 'stopped'} at step {state.step}: {val}"
+                  f"{meter.total_steps} steps, {count(tokens)} tokens in {clock(summary['seconds'])} "
+                  f"({summary['tokens_per_s']:.0f} tok/s{mfu}); checkpoint "
                   f"{checkpoint.checkpoint_root(cfg.train.run_dir) / checkpoint.tag_for(saved_at)}; "
                   f"MLflow run {state.mlflow_run_id} ({cfg.logging.mlflow_uri}; `mlflow ui --backend-store-uri "
                   f"{cfg.logging.mlflow_uri}`)")
-        return state
 
     def attention_backend(self) -> str:
         """The kernel the last forward pass used (on this rank's stage)."""
@@ -368,9 +430,12 @@ class Trainer:
 
     def _evaluate_and_record(self) -> None:
         val = self.evaluate()
-        self.state.last_val_nelbo = val
-        self._record({"val_nelbo": val, "val_ppl_bound": math.exp(min(val, 50.0))})
-        say(self.topo, f"step {self.state.step:>6} validation NELBO/token {val:.4f}", from_logging_rank=True)
+        state = self.state
+        state.last_val_nelbo = val["nelbo"]
+        state.best_val_nelbo = min(val["nelbo"], state.best_val_nelbo if state.best_val_nelbo is not None else math.inf)
+        self._record("val", {**val, "ppl_bound": math.exp(min(val["nelbo"], 50.0))})
+        say(self.topo, f"step {state.step:>6} validation NELBO/token {val['nelbo']:.4f} (mdm "
+                       f"{val['loss_diffusion']:.4f} ar {val['loss_sequential']:.4f})", from_logging_rank=True)
         if self.cfg.logging.samples:
             self._log_samples()
 
@@ -384,13 +449,14 @@ class Trainer:
             return
         texts = preview_samples(weights, self.cfg, self.tokenizer, self.mask_id, self.cfg.logging.samples,
                                 self.cfg.train.seed, self.topo.device)
-        body = "\n\n".join(f"--- sample {i} ---\n{text}" for i, text in enumerate(texts))
-        self.monitor.log_text(body, f"samples/step_{self.state.step:08d}.txt")
+        self.monitor.log_samples(texts, self.state.step)
 
-    def _record(self, metrics: dict[str, float]) -> None:
-        self.state.history.append({"step": self.state.step, **metrics})
+    def _record(self, group: str, metrics: dict[str, float]) -> None:
+        """Metrics named ``group/key`` (train/..., val/...), in the history and in MLflow."""
+        named = {f"{group}/{key}": value for key, value in metrics.items()}
+        self.state.history.append({"step": self.state.step, **named})
         if self.monitor is not None:
-            self.monitor.log(metrics, self.state.step)
+            self.monitor.log(named, self.state.step)
 
 
 def _row_tensors(rows):
@@ -406,9 +472,10 @@ def _logging_rank(topo: Topology) -> int:
 
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(
-        prog="esolm-train",
+        prog="esolm-train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train an Eso-LM. With no CONFIG, trains the quickstart model on CPU on the bundled corpus.",
-        epilog="Overrides: section.key=value, e.g. train.max_steps=100 parallel.tensor=2 eso.alpha0=0.125")
+        epilog="Overrides: section.key=value, e.g. train.max_steps=100 parallel.tensor=2 eso.alpha0=0.125\n\n"
+               "Config keys (key=default (type; allowed values)); defaults are the quickstart's:\n" + describe_keys())
     parser.add_argument("config", nargs="?", help="YAML run config (configs/*.yaml); default: the quickstart")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides applied after the file")
     args = parser.parse_args(argv)

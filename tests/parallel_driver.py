@@ -158,11 +158,11 @@ def run_layout(name: str, out: Path, shard_dir: str) -> None:
     fingerprints = [None] * topo.world_size
     dist.all_gather_object(fingerprints, fingerprint)
     if topo.rank == 0:
-        steps = [h for h in state.history if "loss" in h]
+        steps = [h for h in state.history if "train/loss" in h]
         result = {"layout": name, **dataclasses.asdict(layout), "dp_size": layout.dp_size,
                   "reference": reference_for(name), "steps": [h["step"] for h in steps],
-                  "loss": [h["loss"] for h in steps], "grad_norm": [h["grad_norm"] for h in steps],
-                  "lr": [h["lr"] for h in steps],
+                  "loss": [h["train/loss"] for h in steps], "grad_norm": [h["train/grad_norm"] for h in steps],
+                  "lr": [h["train/lr"] for h in steps],
                   "same_weights_on_all_ranks": all(f == fingerprints[0] for f in fingerprints),
                   "mlflow_run_id": state.mlflow_run_id}
         torch.save({"params": params, "ema": ema, "initial": initial}, out / f"{name}.pt")

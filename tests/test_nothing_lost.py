@@ -257,7 +257,7 @@ def test_resume_against_another_store_starts_a_new_mlflow_run(saved_run, tmp_pat
                                 f"logging.mlflow_uri={new_store}")).fit()
     assert state.step == 3 and state.mlflow_run_id != old_id
     assert f"MLflow run {old_id} of the checkpoint is not in {new_store}" in capsys.readouterr().out
-    steps = [m.step for m in MlflowClient(tracking_uri=new_store).get_metric_history(state.mlflow_run_id, "loss")]
+    steps = [m.step for m in MlflowClient(tracking_uri=new_store).get_metric_history(state.mlflow_run_id, "train/loss")]
     assert steps == [3]
 
 
@@ -281,7 +281,7 @@ def test_two_trainers_can_open_a_fresh_sqlite_store_at_once(tmp_path):
         "run = Path(sys.argv[1]); run.mkdir()\n"
         "cfg = load_config(None, [f'train.run_dir={run}', f'logging.mlflow_uri=sqlite:///{sys.argv[2]}'])\n"
         "(run / 'config.yaml').write_text('x: 1')\n"
-        "MlflowMonitor(cfg, None, run / 'config.yaml').close('FINISHED')\n")
+        "MlflowMonitor(cfg, None, run / 'config.yaml', {}).close('FINISHED')\n")
     for attempt in range(2):
         store = tmp_path / f"store{attempt}" / "mlflow.db"
         store.parent.mkdir()

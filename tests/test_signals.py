@@ -20,7 +20,7 @@ import pytest
 MAX_STEPS = 12
 SIGNAL_AFTER_STEP = 2
 TIMEOUT_S = 300
-STEP_LINE = re.compile(r"^step\s+(\d+) loss ")
+STEP_LINE = re.compile(r"^step\s+(\d+)/\d+ loss ")
 
 
 def train_command(run_dir: Path, shard_dir: Path) -> list[str]:
@@ -41,7 +41,7 @@ def loss_history(run_dir: Path, run_id: str) -> list[tuple[int, float]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
 
 
 def run_status(run_dir: Path, run_id: str) -> str:

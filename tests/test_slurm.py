@@ -79,8 +79,8 @@ def assert_same_training(run_dir: Path, reference: dict[str, dict[int, float]], 
     for key, points in history.items():
         steps = [step for step, _ in points]
         assert len(steps) == len(set(steps)), f"MLflow run {run_id}: {key} logged twice at some step: {steps}"
-    assert [step for step, _ in history["loss"]] == list(range(1, MAX_STEPS + 1))
-    for key in ("loss", "loss_diffusion", "loss_sequential", "val_nelbo"):
+    assert [step for step, _ in history["train/loss"]] == list(range(1, MAX_STEPS + 1))
+    for key in ("train/loss", "train/loss_diffusion", "train/loss_sequential", "val/nelbo"):
         for step, value in history[key]:
             assert value == reference[key][step], f"{key} at step {step}: {what} {value} != torchrun {reference[key][step]}"
 
@@ -101,7 +101,7 @@ def torchrun_metrics(tmp_path_factory, shard_dir):
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert done.returncode == 0, f"torchrun reference failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     _, history = mlflow_history(run_dir)
-    assert [step for step, _ in history["loss"]] == list(range(1, MAX_STEPS + 1))
+    assert [step for step, _ in history["train/loss"]] == list(range(1, MAX_STEPS + 1))
     return {key: dict(points) for key, points in history.items()}
 
 
@@ -151,7 +151,7 @@ def test_signalled_job_checkpoints_requeues_and_finishes_exactly(slurm_cluster, 
     def trained_a_few_steps(record: dict[str, str]) -> bool:
         assert record["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), (
             f"job {job_id} ended {record['JobState']} before it was signalled:\n{read_log(log)[-3000:]}")
-        return re.search(rf"^step +{STOP_AFTER_STEP} loss", read_log(log), re.M) is not None
+        return re.search(rf"^step +{STOP_AFTER_STEP}/\d+ loss", read_log(log), re.M) is not None
 
     slurm_cluster.wait_until(job_id, trained_a_few_steps, JOB_TIMEOUT_S, poll_s=0.2)
     # What --signal=B:USR1@600 sends before the time limit: SIGUSR1 to the batch shell only.
