@@ -4,6 +4,7 @@ replica, seeded per-epoch shuffling, exact resume in a new process, and bad-inpu
 Shards here hold synthetic sequences whose first two tokens encode a unique id, written by
 the real shard writer, so every delivered sequence can be traced."""
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -225,12 +226,81 @@ def damage_tokens(path: Path, member: int) -> None:
 def test_bad_shard_is_named(tmp_path, damage, message, num_workers):
     shard_dir = write_numbered_shards(tmp_path, 4, 10)
     bad = shard_dir / "train-000002.tar"
-    damage(bad)
+    reader = loader(shard_dir, infinite=False, num_workers=num_workers)
+    damage(bad)  # after the start-up checks: found by the reader
     with pytest.raises(DataError, match=message) as error:
-        for _ in loader(shard_dir, infinite=False, num_workers=num_workers):
+        for _ in reader:
             pass
     assert str(bad) in str(error.value) and "\n" not in str(error.value)
     assert "make_shards.py" in str(error.value) and "skip_corrupt" in str(error.value)
+
+
+def flip_low_bit_of_a_token(path: Path, member: int) -> None:
+    """Change the first token of a member by one, to another id inside the vocabulary."""
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[member].offset_data
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        token = int(np.frombuffer(f.read(2), "<u2")[0])
+        f.seek(offset)
+        f.write(np.array([token ^ 1], "<u2").tobytes())
+    assert (token ^ 1) < VOCAB
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_changed_token_is_caught_by_the_checksum(tmp_path, num_workers):
+    shard_dir = write_numbered_shards(tmp_path, 4, 10)
+    bad = shard_dir / "train-000002.tar"
+    flip_low_bit_of_a_token(bad, 1)
+    with pytest.raises(DataError, match=r"train-000002\.tar: sha256 [0-9a-f]{16} differs from the "
+                                        r"manifest's [0-9a-f]{16} .*make_shards\.py") as error:
+        for _ in loader(shard_dir, infinite=False, num_workers=num_workers):
+            pass
+    assert "\n" not in str(error.value)
+    assert hashlib.sha256(bad.read_bytes()).hexdigest()[:16] in str(error.value)
+
+
+def test_changed_token_is_a_counted_skip_under_skip_corrupt(tmp_path):
+    shard_dir = write_numbered_shards(tmp_path, 4, 10)
+    bad = shard_dir / "train-000003.tar"
+    lost = shard_ids(bad)
+    flip_low_bit_of_a_token(bad, 0)
+    skipping = loader(shard_dir, infinite=False, num_workers=0, skip_corrupt=True)
+    delivered = [i for batch in skipping for i in ids_of(batch)]
+    assert sorted(delivered) == sorted(set(range(40)) - lost) and skipping.skipped_shards == 1
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_missing_or_resized_shard_is_found_at_start_up(tmp_path, damage, caplog):
+    shard_dir = write_numbered_shards(tmp_path, 4, 10)
+    bad = shard_dir / "train-000002.tar"
+    size = bad.stat().st_size
+    if damage == "delete":
+        bad.unlink()
+        message = "shard listed in the manifest is missing"
+    else:
+        os.truncate(bad, size - 512)
+        message = rf"{size - 512} bytes, the manifest says {size} \(truncated"
+    with pytest.raises(DataError, match=rf"train-000002\.tar: {message}.* \(1 of 4 train shards "
+                                        rf"missing or of the wrong size\); rebuild") as error:
+        loader(shard_dir)  # before any batch is read
+    assert str(bad) in str(error.value) and "\n" not in str(error.value)
+    with caplog.at_level(logging.WARNING, logger="esolm_dist.data.loader"):
+        skipping = loader(shard_dir, infinite=False, num_workers=0, skip_corrupt=True)
+    assert "1 of 4 train shards missing or of the wrong size" in caplog.text
+    assert len([i for batch in skipping for i in ids_of(batch)]) == 30
+
+
+def test_old_manifest_without_checksums_is_refused(tmp_path):
+    shard_dir = write_numbered_shards(tmp_path, 4, 10)
+    record = json.loads((shard_dir / "manifest.json").read_text())
+    record["format"] = "esolm-token-shards/1"
+    for split in record["splits"].values():
+        split["shards"] = [{"name": s["name"], "sequences": s["sequences"]} for s in split["shards"]]
+    (shard_dir / "manifest.json").write_text(json.dumps(record))
+    with pytest.raises(DataError, match=r"manifest\.json: format 'esolm-token-shards/1', this "
+                                        r"version reads 'esolm-token-shards/2' .*; rebuild"):
+        loader(shard_dir)
 
 
 def shard_ids(path: Path) -> set[int]:

@@ -6,18 +6,18 @@ The output is byte-for-byte reproducible (gzip with no file name and mtime 0), s
 committed file only changes when the Debian text does.
 
     apt-get install -y bible-kjv-text     # also pulls in bible-kjv, the `bible` reader
-    python tools/build_corpus.py
+    python tools/build_corpus.py --out esolm_dist/data/assets/corpus/kjv.jsonl.gz --overwrite
 """
 
 import argparse
 import gzip
 import json
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "esolm_dist/data/assets/corpus/kjv.jsonl.gz"
 WHOLE_BIBLE = "Gen1:1-Rev22:21"
 EXPECTED_CHAPTERS = 1189
 EXPECTED_VERSES = 31102
@@ -48,18 +48,26 @@ def split_chapters(text: str) -> list[str]:
 
 
 def write_jsonl_gz(documents: list[str], path: Path) -> None:
-    """Write {"text": ...} lines, gzip-compressed with a fixed header so rebuilds are identical."""
+    """Write {"text": ...} lines, gzip-compressed with a fixed header so rebuilds are identical;
+    atomic via a temp name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in documents)
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
-                                                compresslevel=9, mtime=0) as gz:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
+                                               compresslevel=9, mtime=0) as gz:
         gz.write(payload.encode("utf-8"))
+    os.replace(tmp, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output .jsonl.gz file")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output .jsonl.gz file (the bundled one: "
+                             "esolm_dist/data/assets/corpus/kjv.jsonl.gz)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args()
+    if args.out.exists() and not args.overwrite:
+        parser.error(f"{args.out} exists; pass --overwrite to replace it")
     chapters = split_chapters(read_kjv_text())
     verses = sum(doc.count("\n") - 1 for doc in chapters)
     if len(chapters) != EXPECTED_CHAPTERS or verses != EXPECTED_VERSES:

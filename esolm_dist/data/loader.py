@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from esolm_dist.data.errors import DataError
 from esolm_dist.data.manifest import Manifest, read_manifest
 from esolm_dist.data.plan import Piece, ReadPlan
-from esolm_dist.data.shard_reader import read_shard
+from esolm_dist.data.shard_reader import REBUILD, read_shard
 
 logger = logging.getLogger(__name__)
 STATE_FORMAT = "esolm-shard-loader/1"
@@ -113,7 +113,7 @@ class _ShardStream(IterableDataset):
             return no_rows
         shard = self.shards[piece.shard]
         try:
-            tokens = read_shard(self.shard_dir / shard.name, shard.sequences, self.manifest)
+            tokens = read_shard(self.shard_dir / shard.name, shard, self.manifest)
         except DataError as exc:
             if not self.skip_corrupt:
                 raise
@@ -224,6 +224,20 @@ def _check_shards(path: Path, split: str, manifest: Manifest, dp_size: int, work
     return shards[0].sequences
 
 
+def _check_shard_files(shard_dir: Path, split: str, manifest: Manifest,
+                       skip_corrupt: bool) -> None:
+    """Every shard of the split must exist with its recorded size: DataError naming the first
+    that does not (with skip_corrupt, one warning; the reader then skips those shards)."""
+    shards = manifest.splits[split].shards
+    problems = [problem for shard in shards if (problem := shard.file_problem(shard_dir))]
+    if not problems:
+        return
+    count = f"{len(problems)} of {len(shards)} {split} shards missing or of the wrong size"
+    if not skip_corrupt:
+        raise DataError(f"{problems[0]} ({count}); {REBUILD}")
+    logger.warning("%s, skipped when reached (skip_corrupt); the first: %s", count, problems[0])
+
+
 def build_loader(shard_dir: str | Path, split: str = "train", *, seq_len: int,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  num_workers: int = 1, seed: int = 0, tokenizer_fingerprint: str,
@@ -232,8 +246,10 @@ def build_loader(shard_dir: str | Path, split: str = "train", *, seq_len: int,
 
     Pass the DATA-PARALLEL rank, never the global rank: all TP ranks and PP stages of one
     replica pass the same dp_rank and get identical batches. The manifest must match the
-    run's seq_len and tokenizer. With skip_corrupt a corrupt shard is skipped with a counted
-    warning (in finite mode, ranks can then end with different numbers of batches).
+    run's seq_len and tokenizer, and every shard of the split must exist with its recorded
+    size (each shard's sha256 is checked as it is read). With skip_corrupt a corrupt shard
+    is skipped with a counted warning (in finite mode, ranks can then end with different
+    numbers of batches).
     """
     if not 0 <= dp_rank < dp_size or micro_batch_size < 1 or num_workers < 0:
         raise ValueError(f"need 0 <= dp_rank < dp_size, micro_batch_size >= 1, num_workers >= 0;"
@@ -246,6 +262,7 @@ def build_loader(shard_dir: str | Path, split: str = "train", *, seq_len: int,
     workers = max(1, num_workers)
     sequences_per_shard = _check_shards(manifest_path, split, manifest, dp_size, workers,
                                         micro_batch_size)
+    _check_shard_files(shard_dir, split, manifest, skip_corrupt)
     plan = ReadPlan(num_shards=len(manifest.splits[split].shards),
                     sequences_per_shard=sequences_per_shard, dp_rank=dp_rank, dp_size=dp_size,
                     num_workers=workers, micro_batch_size=micro_batch_size, seed=seed,

@@ -2,7 +2,8 @@
 
 Shard layout: every shard of a split holds the same number of sequences; a tar member
 ``NNNNNN.<dtype>`` holds ``sequences_per_member`` sequences of ``seq_len`` raw little-endian
-token ids, except the last member of a shard, which holds the rest.
+token ids, except the last member of a shard, which holds the rest. The manifest records each
+shard file's size in bytes and the sha256 of its bytes (what ``sha256sum`` prints).
 """
 
 import json
@@ -15,7 +16,7 @@ import numpy as np
 from esolm_dist.data.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT = "esolm-token-shards/1"
+FORMAT = "esolm-token-shards/2"  # /2: per-shard bytes and sha256
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -41,10 +42,24 @@ def member_sizes(sequences: int, sequences_per_member: int) -> list[int]:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard file and the number of sequences in it."""
+    """One shard file: its name, the number of sequences in it, its size and its sha256."""
 
     name: str
     sequences: int
+    bytes: int
+    sha256: str
+
+    def file_problem(self, shard_dir: Path) -> str | None:
+        """Why shard_dir/name is not this shard (missing, or another size); None if it may be."""
+        path = shard_dir / self.name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"{path}: shard listed in the manifest is missing"
+        if size != self.bytes:
+            return (f"{path}: {size} bytes, the manifest says {self.bytes} (truncated or "
+                    f"replaced since it was built)")
+        return None
 
 
 @dataclass(frozen=True)
@@ -85,14 +100,9 @@ class Manifest:
         return json.dumps(record, indent=1)
 
     def write(self, out_dir: Path) -> Path:
-        """Atomically (temp file, fsync, rename) write out_dir/manifest.json."""
+        """Atomically write out_dir/manifest.json."""
         path = Path(out_dir) / MANIFEST_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, self.to_json())
         return path
 
     def check_matches(self, path: Path, seq_len: int, tokenizer_fingerprint: str) -> None:
@@ -108,6 +118,16 @@ class Manifest:
                             f"--tokenizer <the run's tokenizer.json>")
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write a text file under a temporary name (path + ".tmp"), fsync it, rename it to path."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def read_manifest(shard_dir: str | Path) -> Manifest:
     """Load shard_dir/manifest.json; a missing or malformed one is a DataError."""
     path = Path(shard_dir) / MANIFEST_NAME
@@ -120,8 +140,10 @@ def read_manifest(shard_dir: str | Path) -> Manifest:
         raise DataError(f"{path}: unreadable manifest ({exc}); rebuild the shards with "
                         f"tools/make_shards.py") from None
     if record.get("format") != FORMAT:
-        raise DataError(f"{path}: format {record.get('format')!r}, expected {FORMAT!r}; "
-                        f"rebuild the shards with tools/make_shards.py")
+        raise DataError(f"{path}: format {record.get('format')!r}, this version reads {FORMAT!r} "
+                        f"(shards with sizes and checksums); rebuild the shards with "
+                        f"tools/make_shards.py --overwrite --out {shard_dir} (an automatic "
+                        f"build of data.corpus: delete {shard_dir} and rerun)")
     try:
         splits = {name: _split_from_record(split) for name, split in record["splits"].items()}
         manifest = Manifest(**{k: record[k] for k in Manifest.__dataclass_fields__ if k != "splits"},
