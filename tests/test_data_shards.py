@@ -149,7 +149,7 @@ def test_interrupted_build_leaves_nothing_a_reader_accepts(corpus, tokenizer, tm
     root, _ = corpus
     out = tmp_path / "shards"
     # One sequence per member: slow to write, so the build can be killed mid-shard.
-    options = dict(val_fraction=0.1, tokens_per_member=16, min_shards=2, workers=1,
+    options = dict(val_fraction=0.1, tokens_per_member=16, min_shards=16, workers=1,
                    progress=False)
     builder([root], BUNDLED_TOKENIZER, 32, out, **options)
     replace = ", overwrite=True" if builder is make_shards else ""
