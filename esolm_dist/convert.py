@@ -305,4 +305,3 @@ def verify_export(path: Path, meta: dict, network: dict[str, torch.Tensor],
     if not torch.equal(finite, torch.isfinite(got)):
         raise ExportError(f"{path}: the export blocks different token ids than the checkpoint; re-export")
     return float((expected[finite] - got[finite]).abs().max())
-
