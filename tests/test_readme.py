@@ -58,7 +58,10 @@ def test_readme_commands_run_in_order_in_a_fresh_copy(tmp_path):
     copy = tmp_path / "esolm-dist"
     _copy_working_tree(copy)
     (copy / ".venv").symlink_to(sys.prefix, target_is_directory=True)
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    # as after the set-up command: the venv not activated, MLflow at the README's default store
+    env = {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI", "VIRTUAL_ENV")}
+    venv_bin = str(Path(sys.prefix) / "bin")
+    env["PATH"] = os.pathsep.join(part for part in env.get("PATH", "").split(os.pathsep) if part != venv_bin)
     env["PYTHONPATH"] = str(copy)
     for number, (why, body) in enumerate(readme_blocks((ROOT / "README.md").read_text()), start=1):
         if why is not None:
