@@ -39,7 +39,7 @@ ESOLM_EXPORT_DIR=${ESOLM_EXPORT_DIR:-$ESOLM_HOME/exports/$(basename "$ESOLM_RUN_
 read -r -a CONVERT_ARGS <<< "${ESOLM_CONVERT_ARGS:-}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
-COMMAND=("$ESOLM_PYTHON" -m esolm_dist.convert export --checkpoint "$ESOLM_CHECKPOINT" --out "$ESOLM_EXPORT_DIR"
+COMMAND=("$ESOLM_PYTHON" -m esolm_dist.convert_cli export --checkpoint "$ESOLM_CHECKPOINT" --out "$ESOLM_EXPORT_DIR"
          "${CONVERT_ARGS[@]}")
 esolm_log "${COMMAND[*]}"
 srun --ntasks=1 "${COMMAND[@]}"

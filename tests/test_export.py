@@ -1,5 +1,6 @@
 """Export: a training checkpoint -> a plain-torch model with the same logits; bad inputs fail clearly."""
 
+import re
 import shutil
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 from conftest import TINY_TRAINING, tiny_config
 
 from esolm_dist.checkpoint import CheckpointError
-from esolm_dist.convert import export, main
+from esolm_dist.convert import export
+from esolm_dist.convert_cli import main
 from esolm_dist.inference.export_io import ExportError, read_export
 from esolm_dist.inference.model import EsoLM
 from esolm_dist.train import Trainer
@@ -48,6 +50,41 @@ def test_ema_export_is_the_shadow(trained, tmp_path):
 def test_bf16_export(trained, tmp_path):
     path = export(trained[0], tmp_path / "bf16", dtype="bf16", verify=True)
     assert read_export(path).state_dict["embed.weight"].dtype == torch.bfloat16
+
+
+def test_verify_prints_the_tolerance_and_a_verdict(trained, tmp_path, monkeypatch, capsys):
+    """PASS within the tolerance; an export whose weights differ from the checkpoint's (here: the output
+    bias shifted by 0.01, which moves every logit by 0.01) is a FAIL with exit code 2."""
+    from esolm_dist import convert
+
+    argv = ["export", "--checkpoint", str(trained[0]), "--verify", "--out"]
+    assert main([*argv, str(tmp_path / "good")]) == 0
+    verdict = capsys.readouterr().out.splitlines()[0]
+    match = re.fullmatch(r"esolm-convert: verify: max \|logit difference\| (\S+) <= tolerance 1e-05: PASS", verdict)
+    assert match and float(match[1]) <= 1e-5, verdict
+
+    def shifted(network, num_heads):
+        weights = to_reference_layout(network, num_heads)
+        return {**weights, "head.bias": weights["head.bias"] + 0.01}
+
+    to_reference_layout = convert.to_reference_layout
+    monkeypatch.setattr(convert, "to_reference_layout", shifted)
+    assert main([*argv, str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    match = re.fullmatch(r"esolm-convert: error: verify: max \|logit difference\| (\S+) > tolerance 1e-05: FAIL; "
+                         r"the export in \S+ does not match its checkpoint: report a bug", err)
+    assert match and abs(float(match[1]) - 0.01) < 1e-3, err
+
+
+def test_model_card_rounds_the_validation_nelbo(trained, tmp_path):
+    from esolm_dist.checkpoint import read_meta
+    from esolm_dist.convert import resolve_checkpoint
+
+    meta = read_meta(resolve_checkpoint(trained[0]))
+    card = (export(trained[0], tmp_path / "card") / "README.md").read_text()
+    assert f"Last validation NELBO/token: {meta['val_nelbo']:.4f}." in card
+    assert repr(meta["val_nelbo"]) not in card.split("## Training config")[0]
+    assert "alpha0 = 0.25," in card
 
 
 def corrupt_copy(trained, tmp_path):
@@ -109,9 +146,11 @@ def test_a_new_run_starts_from_an_export(trained, tmp_path, shard_dir, capsys):
                   "folder or a checkpoint"
 
 
-def test_exact_likelihood_of_the_export_equals_the_training_network(trained, tmp_path, shard_dir):
+def test_exact_likelihood_of_the_export_equals_the_training_network(trained, tmp_path, shard_dir, monkeypatch,
+                                                                     capsys):
     """K = 1: the export's bound is -log p_sigma(x) of the training network for the same order (two
     implementations, one causal pass each); the CLI evaluates validation shards."""
+    from esolm_dist import progress
     from esolm_dist.eso.likelihood import likelihood_order, order_log_likelihood
     from esolm_dist.inference.likelihood import evaluate_likelihood, main
 
@@ -125,4 +164,6 @@ def test_exact_likelihood_of_the_export_equals_the_training_network(trained, tmp
     with torch.no_grad():
         expected = -order_log_likelihood(lambda t, p, m: network(t, p, m), x, orders, model.mask_token_id).sum() / 64
     assert abs(one - float(expected)) < 1e-5
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # a progress line at every pass, as in a long job's log
     assert main(["--model", str(path), "--shards", str(shard_dir), "--orders", "2", "--batches", "1"]) == 0
+    assert "esolm-likelihood: causal passes: 2/2 passes (100%)" in capsys.readouterr().err

@@ -155,7 +155,7 @@ def test_pruning_keeps_other_runs_and_later_steps(tmp_path):
 def test_crafted_pickle_is_refused_by_resume_export_and_init_from(saved_run, tmp_path, shard_dir, single_process):
     """Bug caught: torch.load(weights_only=False) on checkpoint files (ours or DeepSpeed's) executing pickled
     code: the marker file would be created."""
-    from esolm_dist.convert import main as convert_main
+    from esolm_dist.convert_cli import main as convert_main
 
     marker = tmp_path / "pwned"
     resume_dir = _copy_run(saved_run, tmp_path / "resume")
@@ -216,7 +216,7 @@ def test_resume_of_another_model_size_names_the_keys(saved_run, tmp_path, shard_
 
 def test_foreign_or_damaged_meta_is_one_line(saved_run, tmp_path, capsys):
     """Bug caught: convert.py parsing esolm.json unguarded (a JSON traceback, a KeyError)."""
-    from esolm_dist.convert import main as convert_main
+    from esolm_dist.convert_cli import main as convert_main
 
     run_dir = _copy_run(saved_run, tmp_path / "run")
     meta = run_dir / "checkpoints" / "step_00000002" / checkpoint.META
@@ -296,7 +296,7 @@ def test_tool_arguments_are_checked(saved_run, tmp_path, capsys):
     """Bug caught: tools accepting impossible numbers (a traceback or garbage later) or running without
     a required argument."""
     from esolm_dist.convert import export
-    from esolm_dist.convert import main as convert_main
+    from esolm_dist.convert_cli import main as convert_main
     from esolm_dist.inference.cli import main as sample_main
     from esolm_dist.inference.likelihood import main as likelihood_main
 

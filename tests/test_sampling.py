@@ -1,14 +1,18 @@
 """Eso-LM sampling (paper Alg. 2 + 3), the exported network with its KV cache, and the export
 folder reader/writer, on a tiny random-weight export with a tokenizer trained here."""
 
+import hashlib
 import json
 import math
+import os
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from esolm_dist import progress
 from esolm_dist.eso import sampling
 from esolm_dist.inference import cli
 from esolm_dist.inference.export_io import ExportConfig, ExportError, read_export, write_export
@@ -219,6 +223,17 @@ def test_sample_with_subcontext_schedule(model):
     assert result.nfe == 6 and not (result.tokens == CONFIG["mask_token_id"]).any()
 
 
+@pytest.mark.parametrize("method,variant,subcontext_len", [("eso", "B", None), ("eso", "A", None),
+                                                           ("mdlm", "B", None), ("ar", "B", None), ("eso", "B", 6)])
+def test_on_step_reports_every_network_call_and_position_once(model, method, variant, subcontext_len):
+    """What the progress bar counts: one call per network call (NFE), decoding each position once."""
+    calls = []
+    result = sampling.sample(model, 2, LENGTH, method=method, variant=variant, alpha0=0.5, num_steps=8,
+                             subcontext_len=subcontext_len, generator=torch.Generator().manual_seed(0),
+                             on_step=calls.append)
+    assert len(calls) == result.nfe and sum(calls) == LENGTH
+
+
 # ---- the network and its KV cache ----
 
 @torch.inference_mode()
@@ -370,6 +385,22 @@ def test_write_export_is_atomic_and_refuses_to_clobber(export_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("umask,folder_mode,file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_export_folder_follows_the_umask(export_dir, tmp_path, umask, folder_mode, file_mode):
+    """Bug caught: exports created 0700 (tempfile's staging folder), unreadable to the rest of a team."""
+    config = json.loads((export_dir / "config.json").read_text())
+    weights = load_file(export_dir / "model.safetensors")
+    previous = os.umask(umask)
+    try:
+        root = write_export(tmp_path / "shared", config, weights, export_dir / "tokenizer.json", "card")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(root.stat().st_mode) == folder_mode
+    files = sorted(root.iterdir())
+    assert [f.name for f in files] == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: file_mode for f in files}
+
+
 def test_cli_writes_samples_with_nfe(export_dir, tmp_path, capsys):
     out = tmp_path / "samples.jsonl"
     code = cli.main(["--model", str(export_dir), "--num-samples", "3", "--length", "16", "--batch-size", "2",
@@ -380,3 +411,39 @@ def test_cli_writes_samples_with_nfe(export_dir, tmp_path, capsys):
     assert "wall time" in capsys.readouterr().err
     assert cli.main(["--model", str(export_dir), "--length", "65"]) == 2
     assert "max_seq_len" in capsys.readouterr().err
+
+
+def test_sample_file_records_the_settings_of_each_sample(export_dir, tmp_path, monkeypatch, capsys):
+    """Bug caught: a samples file that does not say which model, sampler or seed drew it."""
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # a progress line at every step, as in a long job's log
+    fingerprint = hashlib.sha256((export_dir / "config.json").read_bytes()).hexdigest()
+    out = tmp_path / "given.jsonl"
+    assert cli.main(["--model", str(export_dir), "--num-samples", "3", "--length", "16", "--batch-size", "2",
+                     "--alpha0", "0.5", "--steps", "4", "--top-p", "0.8", "--seed", "3", "--method", "mdlm",
+                     "--out", str(out)]) == 0
+    given = {"method": "mdlm", "variant": "B", "alpha0": 0.5, "steps": 4, "subcontext_len": None,
+             "subcontext_shuffle": False, "top_p": 0.8, "seed": 3, "length": 16, "model": str(export_dir.resolve()),
+             "model_config_sha256": fingerprint}
+    for record in map(json.loads, out.read_text().splitlines()):
+        assert {key: record[key] for key in given} == given
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("esolm-sample: decoding:")]
+    assert lines and lines[-1].startswith("esolm-sample: decoding: 32/32 positions (100%)")  # 2 batches x 16
+    # defaults are recorded as the values they resolve to: the export's alpha0 and variant, T = length
+    assert cli.main(["--model", str(export_dir), "--length", "12", "--subcontext-len", "4", "--out",
+                     str(tmp_path / "defaults.jsonl")]) == 0
+    record = json.loads((tmp_path / "defaults.jsonl").read_text().splitlines()[0])
+    assert {key: record[key] for key in ("method", "variant", "alpha0", "steps", "subcontext_len", "top_p", "seed")} \
+        == {"method": "eso", "variant": CONFIG["variant"], "alpha0": CONFIG["alpha0"], "steps": None,
+            "subcontext_len": 4, "top_p": 0.9, "seed": 0}
+    assert cli.main(["--model", str(export_dir), "--length", "12", "--out", str(tmp_path / "t.jsonl")]) == 0
+    assert json.loads((tmp_path / "t.jsonl").read_text().splitlines()[0])["steps"] == 12
+
+
+def test_likelihood_reports_each_causal_pass(model):
+    from esolm_dist.inference.likelihood import evaluate_likelihood
+
+    batches = [torch.randint(2, TOKENIZER_SIZE, (2, LENGTH), generator=torch.Generator().manual_seed(seed))
+               for seed in (0, 1)]
+    passes = []
+    evaluate_likelihood(model, batches, 3, 0.25, seed=0, on_pass=lambda: passes.append(1))
+    assert len(passes) == 2 * 3  # one causal pass per order and batch

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Export a training checkpoint: ``python tools/convert.py export --checkpoint RUN/checkpoints/latest --out DIR``.
 
-A thin wrapper over esolm_dist.convert (also installed as ``esolm-convert``).
+A thin wrapper over esolm_dist.convert_cli (also installed as ``esolm-convert``).
 """
 
 import sys
 
-from esolm_dist.convert import main
+from esolm_dist.convert_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,3 +8,7 @@ loss       the hybrid loss from per-token log-likelihoods
 likelihood exact log p(x) for one order and the importance-weighted bound over K orders
 sampling   the first-hitting schedule and the KV-cached sampler
 """
+
+# The samplers of sampling.sample, named here (not in sampling.py, which needs torch) so that the
+# command line lists them without importing torch.
+METHODS = ("eso", "mdlm", "ar")

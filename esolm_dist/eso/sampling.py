@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
+
+from esolm_dist.eso import METHODS
 
 
 class Denoiser(Protocol):
@@ -152,15 +155,20 @@ def nucleus_gumbel_sample(logits: torch.Tensor, top_p: float, generator: torch.G
     return (logits + gumbel).argmax(dim=-1)
 
 
+# on_step(n): called after each network call with the number of positions it decoded (progress bars)
+OnStep = Callable[[int], None]
+
+
 class _Decoding:
     """One sampling run: the canvas being unmasked, the NFE count, timing and optional logits."""
 
     def __init__(self, model: Denoiser, schedule: SamplingSchedule, top_p: float,
-                 generator: torch.Generator | None, record_logits: bool):
+                 generator: torch.Generator | None, record_logits: bool, on_step: OnStep | None):
         self.canvas = torch.full_like(schedule.order, model.mask_token_id)
         self.top_p = top_p
         self.generator = generator
         self.step_logits = [] if record_logits else None
+        self.on_step = on_step
         self.nfe = 0
         self.started = time.perf_counter()
 
@@ -171,6 +179,8 @@ class _Decoding:
         tokens = nucleus_gumbel_sample(logits, self.top_p, self.generator)
         self.canvas.scatter_(1, positions, tokens)
         self.nfe += 1
+        if self.on_step is not None:
+            self.on_step(positions.shape[1])
 
     def result(self) -> SamplingResult:
         if self.canvas.is_cuda:
@@ -194,14 +204,15 @@ def _decode_cached(model: Denoiser, run: _Decoding, cache: Any, steps: tuple[tor
 
 @torch.inference_mode()
 def sample_eso_b(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9,
-                 generator: torch.Generator | None = None, record_logits: bool = False) -> SamplingResult:
+                 generator: torch.Generator | None = None, record_logits: bool = False,
+                 on_step: OnStep | None = None) -> SamplingResult:
     """Eso-LM (B) sampling, paper Alg. 3, with ONE unified KV cache over both phases.
 
     Step 1 feeds the masks of S_1 (nothing cached); step k feeds the tokens of S_{k-1} plus the
     masks of S_k. Unscheduled masks are never computed. With alpha0 = 0 this is AR decoding.
     `schedule` must be on the model's device.
     """
-    run = _Decoding(model, schedule, top_p, generator, record_logits)
+    run = _Decoding(model, schedule, top_p, generator, record_logits, on_step)
     cache = model.new_kv_cache(schedule.order.shape[0], schedule.length)
     _decode_cached(model, run, cache, schedule.steps(), schedule.order[:, :0])
     return run.result()
@@ -222,25 +233,27 @@ def _decode_uncached(model: Denoiser, run: _Decoding, schedule: SamplingSchedule
 
 @torch.inference_mode()
 def sample_eso_b_uncached(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9,
-                          generator: torch.Generator | None = None, record_logits: bool = False) -> SamplingResult:
+                          generator: torch.Generator | None = None, record_logits: bool = False,
+                          on_step: OnStep | None = None) -> SamplingResult:
     """The reference for sample_eso_b: a full causal forward over decoded + S_k in sigma order at
     every step, no cache. Same tokens and (up to float rounding) the same logits for the same
     schedule and generator seed."""
-    run = _Decoding(model, schedule, top_p, generator, record_logits)
+    run = _Decoding(model, schedule, top_p, generator, record_logits, on_step)
     _decode_uncached(model, run, schedule, all_positions=False)
     return run.result()
 
 
 @torch.inference_mode()
 def sample_mdlm(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9,
-                generator: torch.Generator | None = None, record_logits: bool = False) -> SamplingResult:
+                generator: torch.Generator | None = None, record_logits: bool = False,
+                on_step: OnStep | None = None) -> SamplingResult:
     """MDLM-style baseline: no cache, every step a forward over ALL L positions, masks included.
 
     Same network and mask semantics as Eso-LM (B) diffusion (causal in the decoding order,
     decoded tokens first, then S_k's masks, then the unscheduled masks), so it draws the same
     samples as sample_eso_b; it measures what the cache and the skipped masks save.
     """
-    run = _Decoding(model, schedule, top_p, generator, record_logits)
+    run = _Decoding(model, schedule, top_p, generator, record_logits, on_step)
     _decode_uncached(model, run, schedule, all_positions=True)
     return run.result()
 
@@ -270,14 +283,15 @@ def _recompute_step_a(model: Denoiser, run: _Decoding, order: torch.Tensor, star
 
 @torch.inference_mode()
 def sample_eso_a(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9,
-                 generator: torch.Generator | None = None, record_logits: bool = False) -> SamplingResult:
+                 generator: torch.Generator | None = None, record_logits: bool = False,
+                 on_step: OnStep | None = None) -> SamplingResult:
     """Eso-LM (A) sampling: cache in the sequential phase only (paper section 2, Eso-LM (A)).
 
     Diffusion steps recompute decoded + S_k with clean tokens bidirectional and masks causal.
     The first sequential step does the same over all diffusion-decoded tokens and caches their
     keys/values; from there on decoding is the cached loop of Alg. 3 (sequential tokens causal).
     """
-    run = _Decoding(model, schedule, top_p, generator, record_logits)
+    run = _Decoding(model, schedule, top_p, generator, record_logits, on_step)
     steps = schedule.steps()
     num_diffusion = schedule.num_diffusion_steps
     decoded = 0
@@ -290,14 +304,11 @@ def sample_eso_a(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9
     return run.result()
 
 
-METHODS = ("eso", "mdlm", "ar")
-
-
 def sample(model: Denoiser, batch_size: int, length: int, *, method: str = "eso", variant: str = "B",
            alpha0: float = 0.25, num_steps: int | None = None, top_p: float = 0.9,
            subcontext_len: int | None = None, subcontext_shuffle: bool = False,
            generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-           record_logits: bool = False) -> SamplingResult:
+           record_logits: bool = False, on_step: OnStep | None = None) -> SamplingResult:
     """Draw a schedule (Alg. 2, or the subcontext option) and run one sampler on it.
 
     method "eso": Eso-LM (variant "B": sample_eso_b, "A": sample_eso_a); "mdlm": sample_mdlm on
@@ -326,4 +337,4 @@ def sample(model: Denoiser, batch_size: int, length: int, *, method: str = "eso"
         sampler = sample_eso_a
     else:
         sampler = sample_eso_b
-    return sampler(model, schedule.to(device), top_p, generator, record_logits)
+    return sampler(model, schedule.to(device), top_p, generator, record_logits, on_step)

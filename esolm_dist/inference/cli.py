@@ -1,17 +1,24 @@
 """`esolm-sample`: draw text samples from an export folder with Eso-LM (paper Alg. 2 + 3) or a
-baseline (MDLM without cache, AR), and report NFE and wall time."""
+baseline (MDLM without cache, AR), and report NFE and wall time.
+
+Only argparse at import time: torch and the model are imported once the arguments are read, so
+``--help`` and a mistyped flag answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+from esolm_dist.cli_help import DefaultsHelpFormatter
+from esolm_dist.eso import METHODS
 
-from esolm_dist.eso.sampling import METHODS, sample
-from esolm_dist.inference.export_io import CONFIG_FILE, ExportError, read_export
-from esolm_dist.inference.model import EsoLM
+if TYPE_CHECKING:
+    from esolm_dist.inference.export_io import Export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,32 +26,38 @@ def build_parser() -> argparse.ArgumentParser:
         prog="esolm-sample",
         description="Sample text from an Eso-LM export folder. Eso-LM (B) decodes with one KV cache "
                     "over the diffusion and sequential phases; mdlm recomputes all positions every "
-                    "step (same samples, no cache); ar decodes one token per step left to right.")
+                    "step (same samples, no cache); ar decodes one token per step left to right.",
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", required=True, metavar="EXPORT_DIR",
                         help="export folder (model.safetensors, config.json, tokenizer.json, README.md)")
-    parser.add_argument("--num-samples", type=int, default=1, help="samples to draw (default 1)")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples to draw")
     parser.add_argument("--length", type=int, required=True, help="tokens per sample, at most max_seq_len")
     parser.add_argument("--steps", type=int, default=None,
                         help="T of the first-hitting schedule (default: --length; unused with --subcontext-len)")
     parser.add_argument("--alpha0", type=float, default=None,
                         help="expected fraction decoded by diffusion (default: the export's alpha0)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass, 1 = no nucleus (default 0.9)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass, 1 = no nucleus")
     parser.add_argument("--seed", type=int, default=0, help="seed of the schedule and the sampling noise")
-    parser.add_argument("--method", choices=METHODS, default="eso", help="sampler (default eso)")
+    parser.add_argument("--method", choices=METHODS, default="eso", help="sampler")
     parser.add_argument("--variant", choices=("A", "B"), default=None,
                         help="Eso-LM variant for --method eso (default: the export's variant)")
     parser.add_argument("--subcontext-len", type=int, default=None, metavar="S",
                         help="block schedule instead of first-hitting: S steps of L/S interleaved tokens")
     parser.add_argument("--subcontext-shuffle", action="store_true", help="random order of the S blocks")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per call (default: up to 16)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs")
     parser.add_argument("--out", default=None, metavar="FILE.jsonl",
-                        help="write one JSON line per sample instead of printing the texts")
+                        help="write one JSON line per sample (text, token ids, NFE and the settings) instead "
+                             "of printing the texts")
     return parser
 
 
 def _check_args(args: argparse.Namespace, max_seq_len: int) -> str | None:
     """The first problem with the arguments, as one line, or None."""
+    import torch
+
+    from esolm_dist.inference.export_io import CONFIG_FILE
+
     if not 1 <= args.length <= max_seq_len:
         return f"--length {args.length} must lie in [1, {max_seq_len}] (max_seq_len in {args.model}/{CONFIG_FILE})"
     if args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
@@ -60,8 +73,27 @@ def _check_args(args: argparse.Namespace, max_seq_len: int) -> str | None:
     return None
 
 
+def settings(args: argparse.Namespace, export: Export) -> dict:
+    """What produced the samples, resolved (the export's defaults filled in); written with each sample."""
+    from esolm_dist.inference.export_io import CONFIG_FILE
+
+    return {"method": args.method, "variant": args.variant or export.config.variant,
+            "alpha0": export.config.alpha0 if args.alpha0 is None else args.alpha0,
+            "steps": None if args.subcontext_len is not None else args.steps or args.length,
+            "subcontext_len": args.subcontext_len, "subcontext_shuffle": args.subcontext_shuffle,
+            "top_p": args.top_p, "seed": args.seed, "length": args.length, "model": str(export.path.resolve()),
+            "model_config_sha256": hashlib.sha256((export.path / CONFIG_FILE).read_bytes()).hexdigest()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    from esolm_dist.eso.sampling import sample
+    from esolm_dist.inference.export_io import ExportError, read_export
+    from esolm_dist.inference.model import EsoLM
+    from esolm_dist.progress import Progress
+
     try:
         export = read_export(args.model)
     except ExportError as err:
@@ -73,19 +105,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model = EsoLM.from_export(export, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    options = dict(method=args.method, variant=args.variant or export.config.variant,
-                   alpha0=export.config.alpha0 if args.alpha0 is None else args.alpha0,
-                   num_steps=args.steps, top_p=args.top_p, subcontext_len=args.subcontext_len,
-                   subcontext_shuffle=args.subcontext_shuffle, generator=generator, device=args.device)
+    recorded = settings(args, export)
     batch_size = args.batch_size or min(args.num_samples, 16)
     records, total_time = [], 0.0
     try:
-        while len(records) < args.num_samples:
-            result = sample(model, min(batch_size, args.num_samples - len(records)), args.length, **options)
-            total_time += result.wall_time_s
-            for ids in result.tokens.tolist():
-                records.append({"sample": len(records), "text": export.tokenizer.decode(ids, skip_special_tokens=False),
-                                "token_ids": ids, "nfe": result.nfe, "batch_wall_time_s": result.wall_time_s})
+        with Progress(math.ceil(args.num_samples / batch_size) * args.length, "esolm-sample: decoding",
+                      "positions") as progress:
+            while len(records) < args.num_samples:
+                result = sample(model, min(batch_size, args.num_samples - len(records)), args.length,
+                                method=args.method, variant=recorded["variant"], alpha0=recorded["alpha0"],
+                                num_steps=args.steps, top_p=args.top_p, subcontext_len=args.subcontext_len,
+                                subcontext_shuffle=args.subcontext_shuffle, generator=generator, device=args.device,
+                                on_step=progress.update)
+                total_time += result.wall_time_s
+                for ids in result.tokens.tolist():
+                    records.append({"sample": len(records),
+                                    "text": export.tokenizer.decode(ids, skip_special_tokens=False), "token_ids": ids,
+                                    "nfe": result.nfe, "batch_wall_time_s": result.wall_time_s, **recorded})
     except ValueError as err:
         print(f"esolm-sample: error: {err}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -230,7 +231,8 @@ def write_export(export_dir: str | os.PathLike, config: ExportConfig | Mapping,
                  state_dict: Mapping[str, torch.Tensor], tokenizer_path: str | os.PathLike,
                  card_text: str, *, overwrite: bool = False) -> Path:
     """Validate, then write an export folder atomically: a temporary sibling folder is filled
-    and renamed into place, so readers never see a half-written export."""
+    and renamed into place, so readers never see a half-written export. Folder and files get the
+    modes of the umask (0755 / 0644 under umask 022), like any folder the user makes."""
     root = Path(export_dir)
     target_weights = str(root / WEIGHTS_FILE)
     if not isinstance(config, ExportConfig):
@@ -241,11 +243,14 @@ def write_export(export_dir: str | os.PathLike, config: ExportConfig | Mapping,
     if root.exists() and not overwrite:
         raise ExportError(f"{root}: already exists; choose a new folder or pass overwrite=True")
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    staging = root.parent / f".{root.name}.{secrets.token_hex(4)}.tmp"
+    staging.mkdir()  # not tempfile.mkdtemp: that makes the folder 0700 whatever the umask
     try:
         weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
-        save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        # safetensors writes 0600: give the weights the mode open() gave config.json (from the umask)
+        shutil.copymode(staging / CONFIG_FILE, staging / WEIGHTS_FILE)
         shutil.copyfile(tokenizer_path, staging / TOKENIZER_FILE)
         (staging / CARD_FILE).write_text(card_text)
         _swap_into_place(staging, root)

@@ -9,6 +9,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from esolm_dist.config import ConfigError, ParallelConfig
 
 T = TypeVar("T")
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory comm op for CPU, JIT-built on its first use
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,17 @@ def pin_extensions_dir() -> str:
     return os.environ["TORCH_EXTENSIONS_DIR"]
 
 
+def announce_jit_build(extensions_dir: str) -> None:
+    """deepspeed.init_distributed on CPU compiles DeepSpeed's shared-memory comm op the first time it
+    runs in an environment, for 2-3 minutes on 2 cores, silently: say so before it starts."""
+    import deepspeed.ops
+
+    built = Path(extensions_dir) / SHM_OP / f"{SHM_OP}.so"
+    if deepspeed.ops.__compatible_ops__.get(SHM_OP) and not built.is_file():
+        print(f"esolm-dist: building DeepSpeed's CPU communication op once, into {extensions_dir} "
+              "(about 2-3 min on 2 cores)...", file=sys.stderr, flush=True)
+
+
 def init_parallel(pcfg: ParallelConfig) -> Topology:
     """Initialise torch.distributed and megatron-core's TP/PP/DP groups; idempotent for the same layout
     (another layout needs :func:`reset_model_parallel` first)."""
@@ -121,7 +134,9 @@ def init_parallel(pcfg: ParallelConfig) -> Topology:
         dist.init_process_group(backend=backend, rank=env["rank"], world_size=env["world_size"],
                                 timeout=datetime.timedelta(minutes=30), **rendezvous)
     os.environ["LOCAL_RANK"] = str(env["local_rank"])  # DeepSpeed's engine needs it even in one process
-    pin_extensions_dir()  # before DeepSpeed's comm loads its JIT-built shared-memory op
+    extensions_dir = pin_extensions_dir()  # before DeepSpeed's comm loads its JIT-built shared-memory op
+    if device.type == "cpu" and env["local_rank"] == 0:
+        announce_jit_build(extensions_dir)
     import deepspeed
 
     # DeepSpeed's comm over our process group (never MPI discovery)
