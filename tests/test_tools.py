@@ -105,3 +105,5 @@ def test_jit_build_is_announced_only_when_it_will_happen(single_process, tmp_pat
     announce_jit_build(str(tmp_path))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "building DeepSpeed's CPU communication op once" in err and str(tmp_path) in err
+    announce_jit_build(str(tmp_path), "cpu_adam", "CPU Adam (for ZeRO-Offload)")
+    assert "building DeepSpeed's CPU Adam (for ZeRO-Offload) once" in capsys.readouterr().err

@@ -9,12 +9,14 @@ our config; nothing else configures DeepSpeed.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import torch
 from megatron.core import parallel_state as ps
 
 from esolm_dist.config import RunConfig
+from esolm_dist.parallel.state import announce_jit_build
 
 
 class MegatronMPU:
@@ -159,6 +161,8 @@ def build_engine(module: torch.nn.Module, cfg: RunConfig, dp_size: int):
         # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU Adam (JIT-built once)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            announce_jit_build(os.environ["TORCH_EXTENSIONS_DIR"], "cpu_adam", "CPU Adam (for ZeRO-Offload)")
         optimizer = DeepSpeedCPUAdam(module.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.adam_eps,
                                      weight_decay=o.weight_decay, adamw_mode=True)
     else:

@@ -99,14 +99,15 @@ def pin_extensions_dir() -> str:
     return os.environ["TORCH_EXTENSIONS_DIR"]
 
 
-def announce_jit_build(extensions_dir: str) -> None:
-    """deepspeed.init_distributed on CPU compiles DeepSpeed's shared-memory comm op the first time it
-    runs in an environment, for 2-3 minutes on 2 cores, silently: say so before it starts."""
+def announce_jit_build(extensions_dir: str, op: str = SHM_OP, what: str = "CPU communication op") -> None:
+    """DeepSpeed compiles an op the first time it is used in an environment (the CPU comm op in
+    deepspeed.init_distributed, CPU Adam for ZeRO-Offload), 2-3 minutes on 2 cores, silently: say so
+    before it starts."""
     import deepspeed.ops
 
-    built = Path(extensions_dir) / SHM_OP / f"{SHM_OP}.so"
-    if deepspeed.ops.__compatible_ops__.get(SHM_OP) and not built.is_file():
-        print(f"esolm-dist: building DeepSpeed's CPU communication op once, into {extensions_dir} "
+    built = Path(extensions_dir) / op / f"{op}.so"
+    if deepspeed.ops.__compatible_ops__.get(op) and not built.is_file():
+        print(f"esolm-dist: building DeepSpeed's {what} once, into {extensions_dir} "
               "(about 2-3 min on 2 cores)...", file=sys.stderr, flush=True)
 
 
