@@ -19,8 +19,10 @@ import torch
 from tqdm import tqdm
 
 from esolm_dist.checkpoint import LATEST, META, CheckpointError, checkpoint_root, read_meta
+from esolm_dist.data.errors import DataError
 from esolm_dist.inference.export_io import ExportConfig, ExportError, write_export
 from esolm_dist.parallel.pipeline import network_name
+from esolm_dist.reference.convert import add_import_arguments, run_import
 from esolm_dist.safe_load import load_file, refusal, weights_only_loads
 
 # Which dimension megatron-core splits across TP ranks, by parameter suffix (None = replicated).
@@ -247,9 +249,14 @@ def model_card(meta: dict, directory: Path, use_ema: bool) -> str:
 
 
 def export(checkpoint: str | Path, out: str | Path, use_ema: bool = False, dtype: str = "fp32",
-           verify: bool = False, overwrite: bool = False) -> Path:
+           verify: bool = False, overwrite: bool = False, format: str = "export") -> Path:
     from esolm_dist.data.tokenizer import load_tokenizer
 
+    if format == "reference":
+        if verify or dtype != "fp32":
+            raise ExportError("--verify and --dtype apply to export folders; --format reference writes fp32 "
+                              "(check it with `esolm-convert import --verify`)")
+        return export_reference(checkpoint, out, use_ema, overwrite)
     directory = resolve_checkpoint(checkpoint)
     meta, network = read_checkpoint_weights(directory, use_ema)
     tokenizer_name = meta["config"]["data"]["tokenizer"]
@@ -263,6 +270,30 @@ def export(checkpoint: str | Path, out: str | Path, use_ema: bool = False, dtype
         difference = verify_export(path, meta, network, torch_dtype)
         print(f"esolm-convert: verified: max |logit difference| = {difference:.2e}")
     return path
+
+
+def export_reference(source: str | Path, out: str | Path, use_ema: bool = False, overwrite: bool = False) -> Path:
+    """A training checkpoint or an export folder -> a Lightning checkpoint of the reference DiT
+    (esolm_dist.reference)."""
+    from esolm_dist.data.tokenizer import load_tokenizer
+    from esolm_dist.inference.export_io import CONFIG_FILE, read_export
+    from esolm_dist.reference.convert import write_reference
+
+    if (Path(source) / CONFIG_FILE).is_file():
+        if use_ema:
+            raise ExportError(f"{source} is an export: it holds one set of weights, --ema applies to training "
+                              "checkpoints")
+        exported = read_export(source)
+        config, weights = exported.config, exported.state_dict
+        tokens = exported.tokenizer.get_vocab_size(with_added_tokens=True)
+    else:
+        directory = resolve_checkpoint(source)
+        meta, network = read_checkpoint_weights(directory, use_ema)
+        tokenizer_name = meta["config"]["data"]["tokenizer"]
+        tokenizer = load_tokenizer(None if tokenizer_name == "bundled" else tokenizer_name)
+        weights = to_reference_layout(network, meta["config"]["model"]["num_heads"])
+        config, tokens = export_config(meta, weights, tokenizer, "float32"), tokenizer.vocab_size
+    return write_reference(out, config, weights, tokens, overwrite)
 
 
 def verify_export(path: Path, meta: dict, network: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
@@ -305,7 +336,8 @@ def verify_export(path: Path, meta: dict, network: dict[str, torch.Tensor], dtyp
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="esolm-convert", description="Export a training checkpoint for sampling.")
+    parser = argparse.ArgumentParser(prog="esolm-convert", description="Export a training checkpoint for sampling, "
+                                     "or import a released Eso-LM checkpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="checkpoint (any TP x PP layout, any ZeRO stage) -> safetensors export folder")
     ex.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/latest, a step_* dir or a run dir")
@@ -314,10 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ex.add_argument("--verify", action="store_true", help="check export logits against the checkpoint's")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    ex.add_argument("--format", choices=("export", "reference"), default="export",
+                    help="reference: a Lightning .ckpt of the paper's DiT (identity adaLN) at --out, from a "
+                         "checkpoint or an export folder")
+    add_import_arguments(sub.add_parser("import", help="released Eso-LM Lightning checkpoint -> export folder"))
     args = parser.parse_args(argv)
     try:
-        path = export(args.checkpoint, args.out, args.ema, args.dtype, args.verify, args.overwrite)
-    except (CheckpointError, ExportError) as exc:
+        if args.command == "import":
+            path = run_import(args)
+        else:
+            path = export(args.checkpoint, args.out, args.ema, args.dtype, args.verify, args.overwrite, args.format)
+    except (CheckpointError, ExportError, DataError) as exc:
         print(f"esolm-convert: error: {exc}", file=sys.stderr)
         return 2
     print(f"esolm-convert: wrote {path}")
