@@ -26,7 +26,7 @@ from esolm_dist.convert import main
 from esolm_dist.eso.rows import build_rows
 from esolm_dist.inference.export_io import read_export, write_export
 from esolm_dist.inference.model import EsoLM
-from esolm_dist.reference.dit import parameter_names, reference_logits
+from esolm_dist.reference.dit import reference_logits
 
 VOCAB, HIDDEN, HEADS, LAYERS, FFN, COND, FREQUENCY, LENGTH = 258, 32, 4, 2, 128, 16, 256, 16
 MASK = VOCAB - 1  # the reference appends the mask to the tokenizer's 257 ids, as to GPT-2's 50257
@@ -129,8 +129,9 @@ def transformers_stand_in():
 
 
 def save_reference(path, live, ema=None, config=None, tokenizer=None, **algo):
-    """torch.save of a Lightning checkpoint dict shaped like s-sahoo/Eso-LMs'."""
-    names = parameter_names(LAYERS)
+    """torch.save of a Lightning checkpoint dict shaped like s-sahoo/Eso-LMs'; the EMA list follows the
+    backbone's parameters (the state dict's order without the rotary buffer)."""
+    names = [name for name in live if name != "rotary_emb.inv_freq"]
     adam = {i: {"step": torch.tensor(5.0), "exp_avg": torch.zeros_like(live[n]),
                 "exp_avg_sq": torch.zeros_like(live[n])} for i, n in enumerate(names[:3])}
     checkpoint = {
@@ -290,10 +291,9 @@ def test_reference_export_round_trips_bitwise(released, tmp_path):
                    "--ema") == 0
     assert convert("export", "--checkpoint", first, "--out", ckpt, "--format", "reference") == 0
     written = torch.load(ckpt, weights_only=True)  # no allowlist needed
-    names = parameter_names(LAYERS)
     state = written["state_dict"]
-    assert list(state) == ["backbone." + n for n in names[:5]] + ["backbone.rotary_emb.inv_freq"] + [
-        "backbone." + n for n in names[5:]]
+    assert list(state) == ["backbone." + name for name in released["live"]]  # EsoLMDiT's state-dict order
+    names = [name for name in released["live"] if name != "rotary_emb.inv_freq"]
     shadow = written["ema"]["shadow_params"]
     assert all(torch.equal(a, state["backbone." + n]) for a, n in zip(shadow, names, strict=True))
     assert torch.equal(state["backbone.rotary_emb.inv_freq"], released["live"]["rotary_emb.inv_freq"])
