@@ -148,14 +148,9 @@ def _check_tokenizer(tokenizer_path: str | Path, checkpoint: dict, vocab: int):
     return tokenizer, f"the tokenizer's {text_ids} text-token ids match the tokenizer stored in the checkpoint"
 
 
-def import_reference(reference: str | Path, out: str | Path, tokenizer_path: str | Path, use_ema: bool = False,
-                     verify: bool = False, overwrite: bool = False, **overrides) -> Path:
-    path = Path(reference)
-    checkpoint = lightning_file.load_lightning_checkpoint(path)
-    weights = lightning_file.backbone_weights(checkpoint)
-    shape = _shape_of(weights, path)
-    config = lightning_file.run_config(checkpoint, path)
-    given = settings(config, path, **overrides)
+def _check_dimensions(shape: dict[str, int], config: dict, given: Settings, weights: dict[str, torch.Tensor],
+                      path: Path) -> None:
+    """The stored config agrees with the weights, and the head count with the rotary buffer."""
     stored = config.get("model") or {}
     for key, ours in (("hidden_size", shape["hidden"]), ("n_blocks", shape["num_layers"]), ("cond_dim", shape["cond"])):
         if isinstance(stored.get(key), int) and stored[key] != ours:
@@ -169,6 +164,27 @@ def import_reference(reference: str | Path, out: str | Path, tokenizer_path: str
     if rotary.shape != (head_dim // 2,) or not torch.allclose(rotary, dit.rotary_frequencies(head_dim)):
         raise CheckpointError(f"{path}: rotary_emb.inv_freq is not the base-10000 rotary of head dim {head_dim}; "
                               "check --num-heads")
+
+
+def _model_card(path: Path, checkpoint: dict, use_ema: bool, shape: dict[str, int], given: Settings) -> str:
+    return (f"# Eso-LM export\n\nImported from the reference checkpoint `{path}` (s-sahoo/Eso-LMs, global step "
+            f"{checkpoint.get('global_step', 'unknown')}, {'EMA' if use_ema else 'live'} weights). Its adaLN "
+            "(sigma = 0) is folded into the LayerNorm affine parameters and the residual gates into the "
+            f"attention-output and MLP-output weights.\n\nEso-LM ({given.variant}), alpha0 = {given.alpha0}, "
+            f"{shape['num_layers']} layers x {shape['hidden']} hidden, {given.num_heads} heads, L = {given.seq_len}."
+            "\n\nSample: `esolm-sample --model THIS_FOLDER --num-samples 4 --length 128`.\n")
+
+
+def import_reference(reference: str | Path, out: str | Path, tokenizer_path: str | Path, use_ema: bool = False,
+                     verify: bool = False, overwrite: bool = False, **overrides) -> Path:
+    """Read and check the checkpoint and the tokenizer, fold, write the export (atomically), verify."""
+    path = Path(reference)
+    checkpoint = lightning_file.load_lightning_checkpoint(path)
+    weights = lightning_file.backbone_weights(checkpoint)
+    shape = _shape_of(weights, path)
+    config = lightning_file.run_config(checkpoint, path)
+    given = settings(config, path, **overrides)
+    _check_dimensions(shape, config, given, weights, path)
     if use_ema:
         weights = _ema_weights(checkpoint, weights, shape["num_layers"], path)
     tokenizer, tokenizer_note = _check_tokenizer(tokenizer_path, checkpoint, shape["vocab"])
@@ -178,14 +194,8 @@ def import_reference(reference: str | Path, out: str | Path, tokenizer_path: str
         "rotary_base": dit.ROTARY_BASE, "layernorm_eps": dit.LAYERNORM_EPS, "mask_token_id": shape["vocab"] - 1,
         "eos_token_id": tokenizer.eos_id, "max_seq_len": given.seq_len, "variant": given.variant,
         "alpha0": given.alpha0, "dtype": "float32"}, f"the settings of {path}")
-    card = (f"# Eso-LM export\n\nImported from the reference checkpoint `{path}` (s-sahoo/Eso-LMs, global step "
-            f"{checkpoint.get('global_step', 'unknown')}, {'EMA' if use_ema else 'live'} weights). Its adaLN "
-            "(sigma = 0) is folded into the LayerNorm affine parameters and the residual gates into the "
-            f"attention-output and MLP-output weights.\n\nEso-LM ({given.variant}), alpha0 = {given.alpha0}, "
-            f"{shape['num_layers']} layers x {shape['hidden']} hidden, {given.num_heads} heads, L = {given.seq_len}."
-            f"\n\nSample: `esolm-sample --model THIS_FOLDER --num-samples 4 --length 128`.\n")
-    folded = dit.fold(weights, shape["num_layers"])
-    written = write_export(out, export_config, folded, tokenizer.path, card, overwrite=overwrite)
+    written = write_export(out, export_config, dit.fold(weights, shape["num_layers"]), tokenizer.path,
+                           _model_card(path, checkpoint, use_ema, shape, given), overwrite=overwrite)
     print(f"esolm-convert: {tokenizer_note}")
     if verify:
         difference = verify_import(written, weights, given.num_heads)
