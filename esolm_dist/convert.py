@@ -249,9 +249,14 @@ def model_card(meta: dict, directory: Path, use_ema: bool) -> str:
 
 
 def export(checkpoint: str | Path, out: str | Path, use_ema: bool = False, dtype: str = "fp32",
-           verify: bool = False, overwrite: bool = False) -> Path:
+           verify: bool = False, overwrite: bool = False, format: str = "export") -> Path:
     from esolm_dist.data.tokenizer import load_tokenizer
 
+    if format == "reference":
+        if verify or dtype != "fp32":
+            raise ExportError("--verify and --dtype apply to export folders; --format reference writes fp32 "
+                              "(check it with `esolm-convert import --verify`)")
+        return export_reference(checkpoint, out, use_ema, overwrite)
     directory = resolve_checkpoint(checkpoint)
     meta, network = read_checkpoint_weights(directory, use_ema)
     tokenizer_name = meta["config"]["data"]["tokenizer"]
@@ -270,6 +275,30 @@ def export(checkpoint: str | Path, out: str | Path, use_ema: bool = False, dtype
             raise ExportError(f"{verdict}: FAIL; the export in {path} does not match its checkpoint: report a bug")
         print(f"esolm-convert: {verdict}: PASS")
     return path
+
+
+def export_reference(source: str | Path, out: str | Path, use_ema: bool = False, overwrite: bool = False) -> Path:
+    """A training checkpoint or an export folder -> a Lightning checkpoint of the reference DiT
+    (esolm_dist.reference)."""
+    from esolm_dist.data.tokenizer import load_tokenizer
+    from esolm_dist.inference.export_io import CONFIG_FILE, read_export
+    from esolm_dist.reference.convert import write_reference
+
+    if (Path(source) / CONFIG_FILE).is_file():
+        if use_ema:
+            raise ExportError(f"{source} is an export: it holds one set of weights, --ema applies to training "
+                              "checkpoints")
+        exported = read_export(source)
+        config, weights = exported.config, exported.state_dict
+        tokens = exported.tokenizer.get_vocab_size(with_added_tokens=True)
+    else:
+        directory = resolve_checkpoint(source)
+        meta, network = read_checkpoint_weights(directory, use_ema)
+        tokenizer_name = meta["config"]["data"]["tokenizer"]
+        tokenizer = load_tokenizer(None if tokenizer_name == "bundled" else tokenizer_name)
+        weights = to_reference_layout(network, meta["config"]["model"]["num_heads"])
+        config, tokens = export_config(meta, weights, tokenizer, "float32"), tokenizer.vocab_size
+    return write_reference(out, config, weights, tokens, overwrite)
 
 
 def verify_export(path: Path, meta: dict, network: dict[str, torch.Tensor],

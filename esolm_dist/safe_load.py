@@ -38,13 +38,15 @@ def _deepspeed_data_classes() -> list[type]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def refusal(path: str | Path, exc: pickle.UnpicklingError) -> UnsafeCheckpointError:
-    """One line naming the file and what it asked to run."""
+ONLY_OURS = "only load checkpoints written by esolm-train, and share weights as exports (safetensors)"
+
+
+def refusal(path: str | Path, exc: pickle.UnpicklingError, advice: str = ONLY_OURS) -> UnsafeCheckpointError:
+    """One line naming the file, what it asked to run, and `advice`."""
     found = re.search(r"GLOBAL (\S+)", str(exc)) or re.search(r"(Unsupported operand \S+)", str(exc))
     what = found.group(1) if found else str(exc).splitlines()[0][:120]
     return UnsafeCheckpointError(f"refusing to load {path}: it asks to run or build {what}, which is not checkpoint "
-                                 "data (loading it could execute code); only load checkpoints written by "
-                                 "esolm-train, and share weights as exports (safetensors)")
+                                 f"data (loading it could execute code); {advice}")
 
 
 @contextmanager

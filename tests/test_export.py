@@ -113,6 +113,17 @@ def test_bad_inputs_fail_with_one_line_errors(trained, tmp_path, capsys):
     assert err.startswith("esolm-convert: error:") and "\n" not in err
 
 
+def test_a_model_trained_here_has_no_reference_form(trained, tmp_path):
+    """export --format reference reads training checkpoints too, and refuses what the paper's DiT cannot hold:
+    the reference code appends the mask as the last token id (the bundled tokenizer's is id 1), and its block
+    has no attention-output bias (ours trains one)."""
+    with pytest.raises(ExportError, match="mask id is 1 of 4096 tokenizer ids; the reference code appends the mask"):
+        export(trained[0], tmp_path / "paper.ckpt", format="reference")
+    with pytest.raises(ExportError, match="--verify and --dtype apply to export folders"):
+        export(trained[0], tmp_path / "paper.ckpt", verify=True, format="reference")
+    assert not (tmp_path / "paper.ckpt").exists()
+
+
 def test_a_new_run_starts_from_an_export(trained, tmp_path, shard_dir, capsys):
     """train.init_from=EXPORT: the export's weights go back to megatron's layout, into a new run;
     a model of another shape is refused with one line naming the key to set."""
