@@ -40,8 +40,9 @@ from esolm_dist.kernels.attention import choose_backend
 
 TILE = 128  # sparsity granularity of flash-attn and FlexAttention (see the module docstring)
 
-# Dense (no 2:4 sparsity) peak TFLOP/s by device name as torch reports it; the first pattern that
-# matches (case-insensitive) wins, so the specific variants come before the generic name.
+# Dense (no 2:4 sparsity) peak TFLOP/s by device name as torch reports it (e.g. "NVIDIA H100 80GB HBM3"
+# for the SXM part, "NVIDIA H100 PCIe"); the first pattern that matches wins, so the specific variants
+# come before the generic name.
 # Sources: NVIDIA datasheets (sparse tensor figures halved): H100 SXM / PCIe / NVL and H200 /
 # H200 NVL (Hopper datasheets), GH200 (its GPU is an H100 SXM-class part), A100 (A100 datasheet),
 # RTX A6000 (309.7 TFLOPS sparse FP16 tensor; TF32 = half of BF16), L40S (L40S datasheet), B200
@@ -164,7 +165,7 @@ def peak_for_name(name: str, precision: str) -> tuple[float, str]:
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     for pattern, label, peaks in PEAK_TFLOPS:
-        if re.search(pattern, name, flags=re.IGNORECASE):
+        if re.search(pattern, name):
             return peaks[precision] * 1e12, f"{name} = {label}, {precision} dense {peaks[precision]:g} TFLOP/s"
     return 0.0, f"{name} (not in esolm_dist.flops.PEAK_TFLOPS: MFU not reported)"
 

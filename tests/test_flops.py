@@ -92,6 +92,8 @@ def test_flex_tiles_hand_counted_on_tiny_rows():
     # L = 4, 2 x 2 tiles: (A) first segment with 3 clean tokens also touches block (0,1) (q0 -> k2): 4 + 3 blocks
     assert executed_pairs(spec("A", 4, [P], [[3, 0]]), "flex", tile=2).tolist() == [7 * 4]
     assert executed_pairs(spec("B", 4, [P], [[3, 0]]), "flex", tile=2).tolist() == [6 * 4]
+    # rows with other clean counts touch other blocks: each row is counted on its own
+    assert executed_pairs(spec("A", 4, [P, P, S], [[3, 0], [0, 0], [0, 0]]), "flex", tile=2).tolist() == [28, 24, 32]
     # L = 3: blocks of 2 straddle the two segments: (0,0) (1,0) (1,1) (2,1) (2,2)
     assert executed_pairs(spec("B", 3, [P], [[0, 0]]), "flex", tile=2).tolist() == [5 * 4]
 
