@@ -1,5 +1,5 @@
-"""benchmarks/gpu_check.py: the CPU mode runs every part end to end and writes a well-formed report; time boxes and
-failures stay inside their case."""
+"""benchmarks/gpu_check.py: the CPU mode runs every part end to end and writes a well-formed report; time boxes
+and failures stay inside their case."""
 
 import json
 import math
@@ -94,7 +94,7 @@ def test_a_case_that_fails_or_overruns_stays_inside_its_case(monkeypatch):
     monkeypatch.setattr(gpu_check, "HARD_STOP", 1.0)
     box = gpu_check.TimeBox(3.0)
     with box.hard_stop():
-        records = gpu_check.run_cases(box, [{"n": n} for n in range(3)], run)
+        records = box.run([{"n": n} for n in range(3)], run)
     assert records[0] == {"n": 0, "status": "failed", "reason": "RuntimeError: first line of the error"}
     assert records[1]["status"] == "skipped" and records[1]["reason"].startswith("interrupted: still running at 1")
     assert records[2] == {"n": 2, "status": "skipped", "reason": "time box of 3 s spent"}
