@@ -233,7 +233,8 @@ def build_training(cfg, vocab: int, mask_id: int, device):
     return build_engine(module, cfg, 1), network
 
 
-def train_step(engine, cfg, mask_id: int, vocab: int, step: int, device) -> float:
+def train_step(engine, cfg, mask_id: int, step: int, device):
+    """One optimizer step on random tokens with the trainer's noise; returns the loss (a device tensor)."""
     import torch
 
     from esolm_dist.eso.rows import build_rows, noise_generator
@@ -284,12 +285,12 @@ def training_case(case: dict, overrides, vocab: int, sizes: Sizes, ctx: Context)
     engine, network = build_training(cfg, vocab, mask_id, device)
     try:
         for step in range(sizes.warmup_steps):
-            train_step(engine, cfg, mask_id, vocab, step, device)
+            train_step(engine, cfg, mask_id, step, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         synchronize(device)
         start = time.perf_counter()
-        losses = [train_step(engine, cfg, mask_id, vocab, sizes.warmup_steps + i, device)
+        losses = [train_step(engine, cfg, mask_id, sizes.warmup_steps + i, device)
                   for i in range(sizes.timed_steps)]
         synchronize(device)
         step_s = (time.perf_counter() - start) / sizes.timed_steps
@@ -412,7 +413,7 @@ def export_part(box: TimeBox, sizes: Sizes, ctx: Context) -> dict:
     cfg = run_config(ctx, "small.yaml", [*sizes.export_overrides, "model.attention_backend=sdpa"], "export")
     engine, _ = build_training(cfg, tokenizer.vocab_size, tokenizer.mask_id, device)
     try:
-        train_step(engine, cfg, tokenizer.mask_id, tokenizer.vocab_size, 0, device)
+        train_step(engine, cfg, tokenizer.mask_id, 0, device)
         meta = {"consumed_samples": cfg.train.micro_batch_size, "run_uid": "gpu-check", "config": to_dict(cfg),
                 "tokenizer_vocab": tokenizer.vocab_size, "mask_id": tokenizer.mask_id}
         rank_state = {"rng": checkpoint.rng_state(), "data": {}, "ema": None}

@@ -373,8 +373,8 @@ class Trainer:
         metrics["step_time_s"] = seconds / steps
         metrics["tokens_seen"] = state.consumed_samples * cfg.model.seq_len
         if self.peak_flops:
-            per_flop = steps / seconds / (self.peak_flops * topo.world_size)
-            metrics["mfu"], metrics["hfu"] = self.flops_per_step * per_flop, self.hardware_flops_per_step * per_flop
+            per_flop_s = steps / seconds / (self.peak_flops * topo.world_size)
+            metrics["mfu"], metrics["hfu"] = self.flops_per_step * per_flop_s, self.hardware_flops_per_step * per_flop_s
         memory = ""
         if topo.device.type == "cuda":
             metrics["memory_gb"] = torch.cuda.max_memory_allocated(topo.device) / 2**30
@@ -397,8 +397,8 @@ class Trainer:
         summary = {"steps": meter.total_steps, "seconds": meter.elapsed(), "tokens": tokens,
                    "tokens_per_s": tokens / meter.total_seconds if meter.total_seconds else 0.0}
         if self.peak_flops and meter.total_seconds:
-            per_flop = meter.total_steps / meter.total_seconds / (self.peak_flops * topo.world_size)
-            summary["mfu"], summary["hfu"] = self.flops_per_step * per_flop, self.hardware_flops_per_step * per_flop
+            per_flop_s = meter.total_steps / meter.total_seconds / (self.peak_flops * topo.world_size)
+            summary["mfu"], summary["hfu"] = self.flops_per_step * per_flop_s, self.hardware_flops_per_step * per_flop_s
         for key in ("last_val_nelbo", "best_val_nelbo"):
             if getattr(state, key) is not None:
                 summary[key] = getattr(state, key)
