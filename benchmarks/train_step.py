@@ -10,9 +10,10 @@ process at DP=1, 1 at DP=2): median of --steps after --warmup untimed ones, each
 barrier to the end of the step. The cores are split evenly between processes; one process also
 runs with one thread, the baseline the 2-process layouts scale from.
 
-tokens/s counts clean training tokens (global batch x sequence length). MFU is the trainer's:
-executed FLOPs per step (esolm_dist.flops: dense attention over each 2L row, forward + backward
-= 3 x forward) over the CPU's measured fp32 GEMM rate per process x processes.
+tokens/s counts clean training tokens (global batch x sequence length). MFU and HFU are the
+trainer's (esolm_dist.flops): model FLOPs per step (attention over the pairs the Eso-LM masks allow)
+and executed FLOPs (SDPA computes every pair of each 2L row), forward + backward = 3 x forward, over
+the CPU's measured fp32 GEMM rate per process x processes.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def time_layout(name: str, out: Path, steps: int, warmup: int) -> None:
         result = {"layout": name, "processes": topo.world_size, "threads_per_process": torch.get_num_threads(),
                   "step_s": seconds, "median_step_s": median, "tokens_per_s": tokens / median,
                   "flops_per_step": trainer.flops_per_step, "peak_flops_per_process": trainer.peak_flops,
-                  "mfu": trainer.flops_per_step / median / (trainer.peak_flops * topo.world_size)}
+                  "mfu": trainer.flops_per_step / median / (trainer.peak_flops * topo.world_size),
+                  "hfu": trainer.hardware_flops_per_step / median / (trainer.peak_flops * topo.world_size)}
         (out / f"{run_dir.name}.json").write_text(json.dumps(result))
     trainer.engine.destroy()
     dist.barrier()
@@ -128,15 +130,16 @@ def main() -> None:
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (1 min, at the "
           f"end); torch {torch.__version__}; quickstart model, fp32, global batch 16 x 128; median of "
           f"{args.steps} steps after {args.warmup}\n")
-    print("| layout | processes x threads | step s (median) | step s (min-max) | tokens/s | GFLOP/s achieved "
-          "| peak GFLOP/s (per process x processes) | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layout | processes x threads | step s (median) | step s (min-max) | tokens/s | model GFLOP/s "
+          "| peak GFLOP/s (per process x processes) | MFU | HFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in sorted(results, key=lambda r: list(LAYOUTS).index(r["layout"])):
         print(f"| {r['layout']} | {r['processes']} x {r['threads_per_process']} | {r['median_step_s']:.3f} | "
               f"{min(r['step_s']):.3f}-{max(r['step_s']):.3f} | {r['tokens_per_s']:.0f} | "
               f"{r['flops_per_step'] / r['median_step_s'] / 1e9:.1f} | "
-              f"{r['peak_flops_per_process'] / 1e9:.1f} x {r['processes']} | {100 * r['mfu']:.1f}% |")
-    print(f"\nexecuted FLOPs per step: {results[0]['flops_per_step'] / 1e9:.1f} G")
+              f"{r['peak_flops_per_process'] / 1e9:.1f} x {r['processes']} | {100 * r['mfu']:.1f}% | "
+              f"{100 * r['hfu']:.1f}% |")
+    print(f"\nmodel FLOPs per step: {results[0]['flops_per_step'] / 1e9:.1f} G")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ class ParallelConfig:
     zero_stage: int = 0
     cpu_offload: bool = False
     precision: str = "fp32"  # fp32 | bf16
+    tf32: bool = True  # on GPU, fp32 matmuls run on TF32 tensor cores (torch.backends.*.allow_tf32)
     activation_checkpointing: bool = False
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     device: str = "auto"  # auto | cpu | cuda

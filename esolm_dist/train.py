@@ -27,7 +27,7 @@ from esolm_dist.config import ConfigError, RunConfig, describe_keys, load_config
 from esolm_dist.data.errors import DataError
 from esolm_dist.ema import EMA
 from esolm_dist.eso.rows import build_rows, noise_generator
-from esolm_dist.flops import device_peak_flops, train_flops_per_row
+from esolm_dist.flops import device_peak_flops, matmul_precision, training_step_flops
 from esolm_dist.inference.export_io import ExportError
 from esolm_dist.meter import StepMeter, clock, count
 from esolm_dist.parallel.state import Topology, check_layout, decided_on_rank0, init_parallel, launch_env
@@ -146,10 +146,10 @@ class Trainer:
         self.train_loader = make_loader(cfg, self.topo, self.tokenizer, "train")
         self.state = TrainState()
         self.accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.topo.dp_size)
-        rows_per_micro = self._rows_per_micro_batch()
-        self.flops_per_step = (train_flops_per_row(cfg.model, self.network.vocab_size, 2 * cfg.model.seq_len)
-                               * rows_per_micro * self.accumulation * self.topo.dp_size)
-        self.peak_flops, self.peak_source = device_peak_flops(self.topo.device)
+        flops = training_step_flops(cfg, self.network.vocab_size, self.mask_id, self.topo.device, self.topo.dp_rank,
+                                    self.accumulation) * self.topo.dp_size  # esolm_dist.flops: MFU and HFU
+        self.flops_per_step, self.hardware_flops_per_step = flops.model, flops.hardware
+        self.peak_flops, self.peak_source = device_peak_flops(self.topo.device, matmul_precision(cfg.parallel))
         self.monitor = None
 
     def _build_engine(self):
@@ -185,10 +185,6 @@ class Trainer:
         source = read_source_weights(self.cfg.train.init_from)
         load_source_weights(module, source, self.cfg.model.num_layers, self.tokenizer.vocab_size, self.mask_id)
         say(self.topo, f"esolm-train: weights from the {source.description}; step, optimizer and data start afresh")
-
-    def _rows_per_micro_batch(self) -> int:
-        n_diffusion = round(self.cfg.train.micro_batch_size * self.cfg.eso.kappa)
-        return n_diffusion // 2 + (self.cfg.train.micro_batch_size - n_diffusion)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -377,7 +373,8 @@ class Trainer:
         metrics["step_time_s"] = seconds / steps
         metrics["tokens_seen"] = state.consumed_samples * cfg.model.seq_len
         if self.peak_flops:
-            metrics["mfu"] = self.flops_per_step * steps / seconds / (self.peak_flops * topo.world_size)
+            per_flop_s = steps / seconds / (self.peak_flops * topo.world_size)
+            metrics["mfu"], metrics["hfu"] = self.flops_per_step * per_flop_s, self.hardware_flops_per_step * per_flop_s
         memory = ""
         if topo.device.type == "cuda":
             metrics["memory_gb"] = torch.cuda.max_memory_allocated(topo.device) / 2**30
@@ -385,7 +382,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(topo.device)
         self._record("train", metrics)
         eta = meter.eta(state.step)
-        mfu = f" mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
+        mfu = f" mfu {100 * metrics['mfu']:.1f}% hfu {100 * metrics['hfu']:.1f}%" if "mfu" in metrics else ""
         say(topo, f"step {state.step:>6}/{cfg.train.max_steps} loss {metrics['loss']:.4f} "
                   f"(mdm {metrics['loss_diffusion']:.4f} ar {metrics['loss_sequential']:.4f}) lr {metrics['lr']:.2e} "
                   f"gnorm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s{mfu} "
@@ -400,8 +397,8 @@ class Trainer:
         summary = {"steps": meter.total_steps, "seconds": meter.elapsed(), "tokens": tokens,
                    "tokens_per_s": tokens / meter.total_seconds if meter.total_seconds else 0.0}
         if self.peak_flops and meter.total_seconds:
-            summary["mfu"] = (self.flops_per_step * meter.total_steps / meter.total_seconds
-                              / (self.peak_flops * topo.world_size))
+            per_flop_s = meter.total_steps / meter.total_seconds / (self.peak_flops * topo.world_size)
+            summary["mfu"], summary["hfu"] = self.flops_per_step * per_flop_s, self.hardware_flops_per_step * per_flop_s
         for key in ("last_val_nelbo", "best_val_nelbo"):
             if getattr(state, key) is not None:
                 summary[key] = getattr(state, key)
@@ -409,7 +406,7 @@ class Trainer:
             self.monitor.log_summary(summary, state.step)
         val = (f"validation NELBO/token final {state.last_val_nelbo:.4f}, best {state.best_val_nelbo:.4f}; "
                if state.last_val_nelbo is not None else "")
-        mfu = f", MFU {100 * summary['mfu']:.1f}%" if "mfu" in summary else ""
+        mfu = f", MFU {100 * summary['mfu']:.1f}%, HFU {100 * summary['hfu']:.1f}%" if "mfu" in summary else ""
         say(topo, f"esolm-train: {'finished' if finished else 'stopped'} at step {state.step}: {val}"
                   f"{meter.total_steps} steps, {count(tokens)} tokens in {clock(summary['seconds'])} "
                   f"({summary['tokens_per_s']:.0f} tok/s{mfu}); checkpoint "

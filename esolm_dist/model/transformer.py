@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from esolm_dist.config import ModelConfig
 from esolm_dist.eso.masks import RowMaskSpec
 from esolm_dist.kernels.attention import AttentionPlan, plan_attention
+from esolm_dist.kernels.fused import LayerNorm
 from esolm_dist.model.rotary import apply_rotary, rotary_tables
 
 
@@ -84,12 +85,12 @@ class Block(nn.Module):
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.rotary_base = cfg.rotary_base
         init = _normal_init(cfg.init_std)
-        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.ln1 = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, config=mp_config, init_method=init,
                                         bias=False, gather_output=False)
         self.out = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, config=mp_config, init_method=init,
                                      bias=True, input_is_parallel=True, skip_bias_add=False)
-        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.ln2 = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, config=mp_config, init_method=init,
                                         bias=True, gather_output=False)
         self.fc2 = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, config=mp_config, init_method=init,
@@ -122,7 +123,7 @@ class Head(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, never_predict: list[int],
                  mp_config: ModelParallelConfig):
         super().__init__()
-        self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.final_ln = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.output = ColumnParallelLinear(cfg.hidden_size, vocab_size, config=mp_config,
                                            init_method=_normal_init(cfg.init_std), bias=True, gather_output=False)
         shard = vocab_size // mp_config.tensor_model_parallel_size

@@ -1,8 +1,8 @@
 """The DeepSpeed engine: ZeRO over the data-parallel group, clipping, accumulation, bf16.
 
-We build the optimizer (torch AdamW) and the LR schedule ourselves and hand them to
-DeepSpeed together with ``mpu``, so ZeRO shards over the DP group only and gradient
-clipping counts tensor-parallel shards correctly. The DeepSpeed JSON is generated from
+We build the optimizer (AdamW: NVIDIA apex's FusedAdam on GPU when installed, else torch's)
+and the LR schedule ourselves and hand them to DeepSpeed together with ``mpu``, so ZeRO shards
+over the DP group only and gradient clipping counts tensor-parallel shards correctly. The DeepSpeed JSON is generated from
 our config; nothing else configures DeepSpeed.
 """
 
@@ -16,6 +16,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from esolm_dist.config import RunConfig
+from esolm_dist.kernels import fused
 from esolm_dist.parallel.state import announce_jit_build
 
 
@@ -91,13 +92,13 @@ class ClipBeforeStep:
                     param.grad.mul_(scale)
 
 
-def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
+def deepspeed_config(cfg: RunConfig, dp_size: int, device: torch.device) -> dict:
     """The DeepSpeed JSON for this run (batch sizes are per DP replica and global)."""
     t, p = cfg.train, cfg.parallel
     accumulation = t.global_batch_size // (t.micro_batch_size * dp_size)
     zero: dict = {"stage": p.zero_stage}
-    if p.cpu_offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if p.cpu_offload:  # pinned host memory speeds up copies to a GPU; training on the CPU has none
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -157,6 +158,7 @@ def build_engine(module: torch.nn.Module, cfg: RunConfig, dp_size: int):
     check_batch_layout(cfg, dp_size)
     mark_norm_owners(module)
     o = cfg.optim
+    device = next(module.parameters()).device
     if cfg.parallel.cpu_offload:
         # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU Adam (JIT-built once)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -166,8 +168,10 @@ def build_engine(module: torch.nn.Module, cfg: RunConfig, dp_size: int):
         optimizer = DeepSpeedCPUAdam(module.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.adam_eps,
                                      weight_decay=o.weight_decay, adamw_mode=True)
     else:
-        optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.adam_eps,
-                                      weight_decay=o.weight_decay)
+        optimizer = fused.adamw(module.parameters(), device, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.adam_eps,
+                                weight_decay=o.weight_decay)
+    if torch.distributed.get_rank() == 0:
+        print(f"esolm-train: kernels: {fused.describe(device, optimizer)}", flush=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     clip = None
     if cfg.parallel.zero_stage == 0:
@@ -175,7 +179,7 @@ def build_engine(module: torch.nn.Module, cfg: RunConfig, dp_size: int):
         optimizer.register_step_pre_hook(clip)
     is_pipeline = isinstance(module, deepspeed.pipe.PipelineModule)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, dp_size),
+                                           config=deepspeed_config(cfg, dp_size, device),
                                            mpu=None if is_pipeline else MegatronMPU(), dist_init_required=False)
     engine.grad_norm = (lambda: clip.last_norm) if clip else (lambda: float(engine.get_global_grad_norm()))
     return engine

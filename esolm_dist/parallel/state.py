@@ -74,6 +74,14 @@ def resolve_device(pcfg: ParallelConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def configure_tf32(pcfg: ParallelConfig, device: torch.device) -> None:
+    """On GPU, let fp32 matmuls (and cuDNN) use TF32 tensor cores unless parallel.tf32=false; the CPU
+    has no TF32 and keeps torch's settings."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = pcfg.tf32
+        torch.backends.cudnn.allow_tf32 = pcfg.tf32
+
+
 def check_layout(pcfg: ParallelConfig, world_size: int) -> int:
     """The data-parallel size, or a one-line error when TP x PP does not divide the world size."""
     model_parallel = pcfg.tensor * pcfg.pipeline
@@ -116,7 +124,8 @@ def init_parallel(pcfg: ParallelConfig) -> Topology:
     (another layout needs :func:`reset_model_parallel` first)."""
     env = launch_env()
     device = resolve_device(pcfg, env["local_rank"])
-    if device.type == "cpu":
+    configure_tf32(pcfg, device)
+    if device.type == "cpu":  # also on a machine with GPUs when parallel.device=cpu
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from esolm_dist.parallel.cpu_compat import apply_cpu_compat
 
