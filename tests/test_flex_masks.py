@@ -29,13 +29,14 @@ def paper_mask(rows, variant):
     for r, kind in enumerate(rows.masks.kinds.tolist()):
         segments = (0, length) if kind == DIFFUSION_PAIR else (0,)
         for start in segments:
-            order = rows.positions[r, start:start + length]
-            clean = torch.zeros(length, dtype=torch.bool).scatter(0, order, rows.tokens[r, start:start + length] != MASK_ID)
+            segment = slice(start, start + length)
+            order = rows.positions[r, segment]
+            clean = torch.zeros(length, dtype=torch.bool).scatter(0, order, rows.tokens[r, segment] != MASK_ID)
+            rank = inverse_permutation(order)
             if kind == DIFFUSION_PAIR:
-                block = slice(start, start + length)
-                expected[r, block, block] = to_sorted(brute_diffusion(inverse_permutation(order), clean, variant), order)
+                expected[r, segment, segment] = to_sorted(brute_diffusion(rank, clean, variant), order)
             else:
-                expected[r] = to_sorted(brute_sequential(inverse_permutation(order), clean, variant), order)
+                expected[r] = to_sorted(brute_sequential(rank, clean, variant), order)
     return expected
 
 

@@ -125,8 +125,15 @@ def attend_after_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         return out.transpose(1, 2)
     if mask is None:
-        chunk, total = q.shape[-2], k.shape[-2]
-        if chunk == total:
+        mask = cached_chunk_mask(q.shape[-2], k.shape[-2], q.device)
+        if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        mask = torch.ones(chunk, total, dtype=torch.bool, device=q.device).tril(total - chunk)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def cached_chunk_mask(chunk: int, total: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean [chunk, total]: each of a chunk's queries sees the total - chunk cached rows and the
+    chunk causally. None when nothing is cached (plain causal: SDPA's is_causal)."""
+    if chunk == total:
+        return None
+    return torch.ones(chunk, total, dtype=torch.bool, device=device).tril(total - chunk)
