@@ -279,8 +279,8 @@ def test_cache_after_sampling_holds_the_keys_and_values_of_a_recomputation(model
 
 
 def test_cache_refuses_a_chunk_beyond_its_capacity(model, cache_layout):
-    model.static_kv_cache = cache_layout == "StaticKVCache"
     cache = model.new_kv_cache(1, 4)
+    assert type(cache).__name__ == cache_layout
     with torch.inference_mode():
         model(torch.zeros(1, 3, dtype=torch.long), torch.arange(3)[None], kv_cache=cache, cache_append=3)
         with pytest.raises(ValueError, match="cannot take a chunk of 2"):

@@ -1,4 +1,5 @@
-"""The exported Eso-LM network in plain torch, with the unified KV cache of paper Alg. 3.
+"""The exported Eso-LM network in plain torch, with the unified KV cache of paper Alg. 3
+(esolm_dist.inference.kv_cache).
 
 Architecture: design.md "The block" (pre-LN transformer, rotary over the full head dim at each
 token's ORIGINAL position, no shift: the output at a position predicts that position's token).
