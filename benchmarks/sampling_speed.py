@@ -8,6 +8,7 @@ The network is a random-weight quickstart-sized model (4 layers, d = 128, 4 head
 unless --export names an export folder; speed does not depend on the weights.
 
     python -m benchmarks.sampling_speed [--lengths 1024 2048] [--runs 5] [--mdlm-runs 2] [--threads N]
+                                        [--static-cache]
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="runs per cached method and length (median)")
     parser.add_argument("--mdlm-runs", type=int, default=2, help="runs of MDLM per length (slow: L full passes)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--static-cache", action="store_true",
+                        help="cached samplers on StaticKVCache (CUDA graphs on a GPU) instead of KVCache")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,10 +88,12 @@ def main() -> None:
             parser.error(f"--lengths exceed max_seq_len {model.config.max_seq_len} of {args.export}/config.json")
     else:
         model = quickstart_model(max(lengths), args.device)
+    model.static_kv_cache = args.static_cache
     for method in ALPHA0:  # warm-up: allocator, kernels, thread pool
         time_one_sample(model, method, 64, 0, args.device)
 
-    print(f"machine: {machine_name(args.device)}; torch {torch.__version__}; T = {NUM_STEPS}, top-p 1, batch 1")
+    cache = "StaticKVCache" if args.static_cache else "KVCache"
+    print(f"machine: {machine_name(args.device)}; torch {torch.__version__}; T = {NUM_STEPS}, top-p 1, batch 1, {cache}")
     print(f"{'L':>6}  {'method':<20} {'alpha0':>6} {'NFE':>11} {'runs':>4} {'median s':>9} {'min s':>8} {'max s':>8}")
     medians = {}
     for length in lengths:

@@ -1,7 +1,6 @@
 """A bf16 export model rotates q and k as training does: angles and rotation in fp32 (esolm_dist.model.rotary),
 one rounding to bf16 at the end, whatever the positions (sampling at L = 8192 uses positions up to 8191)."""
 
-import pytest
 import torch
 
 import esolm_dist.inference.model as inference_model
@@ -13,8 +12,6 @@ CONFIG = {"format": "esolm-export-v1", "vocab_size": 64, "hidden_size": 64, "num
           "eos_token_id": 0, "max_seq_len": 8192, "variant": "B", "alpha0": 0.25, "dtype": "bfloat16"}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 item 6: inference/model.py rounds positions and rotates q, k in "
-                                       "bf16; drop this marker with the fix")
 def test_bf16_inference_rotates_queries_and_keys_in_fp32(monkeypatch):
     torch.manual_seed(0)
     model = inference_model.EsoLM(ExportConfig.from_dict(CONFIG, "test config")).to(torch.bfloat16).eval()

@@ -16,6 +16,7 @@ from esolm_dist import progress
 from esolm_dist.eso import sampling
 from esolm_dist.inference import cli
 from esolm_dist.inference.export_io import ExportConfig, ExportError, read_export, write_export
+from esolm_dist.inference.kv_cache import KVCache
 from esolm_dist.inference.model import EsoLM
 
 TOKENIZER_SIZE = 300
@@ -145,10 +146,27 @@ def _run(sampler, model, schedule, seed=1, top_p=0.9):
     return sampler(model, schedule, top_p, torch.Generator().manual_seed(seed), record_logits=True)
 
 
-@pytest.mark.parametrize("alpha0,seed", [(0.5, 0), (0.25, 3), (1.0, 4)])
-def test_cached_eso_b_equals_uncached_reference(model, alpha0, seed):
-    schedule = _schedule(alpha0, seed)
+@pytest.fixture(params=["KVCache", "StaticKVCache"])
+def cache_layout(request, model):
+    """The samplers' cache: model.static_kv_cache off or on (on CPU the static steps run eagerly)."""
+    model.static_kv_cache = request.param == "StaticKVCache"
+    yield request.param
+    model.static_kv_cache = False
+
+
+def _record_caches(monkeypatch, model):
+    """The caches the samplers create, in order."""
+    caches, new_kv_cache = [], model.new_kv_cache
+    monkeypatch.setattr(model, "new_kv_cache", lambda *args: caches.append(new_kv_cache(*args)) or caches[-1])
+    return caches
+
+
+@pytest.mark.parametrize("alpha0,seed,batch_size", [(0.5, 0, 2), (0.25, 3, 3), (1.0, 4, 2), (0.0, 5, 1)])
+def test_cached_eso_b_equals_uncached_reference(model, cache_layout, monkeypatch, alpha0, seed, batch_size):
+    schedule = _schedule(alpha0, seed, batch_size)
+    caches = _record_caches(monkeypatch, model)
     cached = _run(sampling.sample_eso_b, model, schedule, seed)
+    assert type(caches[0]).__name__ == cache_layout
     uncached = _run(sampling.sample_eso_b_uncached, model, schedule, seed)
     assert torch.equal(cached.tokens, uncached.tokens)
     _assert_same_logits(cached.step_logits, uncached.step_logits)
@@ -207,7 +225,7 @@ def _eso_a_reference(model, schedule, seed):
 
 
 @pytest.mark.parametrize("alpha0", [0.5, 1.0])
-def test_eso_a_sequential_cache_equals_full_recompute(model, alpha0):
+def test_eso_a_sequential_cache_equals_full_recompute(model, cache_layout, alpha0):
     schedule = _schedule(alpha0, seed=5)
     cached = _run(sampling.sample_eso_a, model, schedule, seed=2)
     with torch.inference_mode():
@@ -235,6 +253,60 @@ def test_on_step_reports_every_network_call_and_position_once(model, method, var
 
 
 # ---- the network and its KV cache ----
+
+@torch.inference_mode()
+@pytest.mark.parametrize("sampler", [sampling.sample_eso_b, sampling.sample_eso_a])
+def test_cache_after_sampling_holds_the_keys_and_values_of_a_recomputation(model, cache_layout, monkeypatch,
+                                                                           sampler):
+    """Every committed row: the keys/values of that token in one forward over the decoding order,
+    causal ((B); (A): the diffusion-decoded tokens, cached together, bidirectional among themselves)."""
+    schedule = _schedule(0.5, seed=6, batch_size=3)
+    caches = _record_caches(monkeypatch, model)
+    tokens = sampler(model, schedule, 0.9, torch.Generator().manual_seed(0)).tokens
+    cache = caches[0]
+    committed = LENGTH - schedule.step_sizes[-1]  # the last step's tokens are never fed back
+    assert cache.length == committed
+    order = schedule.order[:, :committed]
+    mask = torch.ones(committed, committed, dtype=torch.bool).tril()
+    if sampler is sampling.sample_eso_a:
+        diffusion_tokens = sum(schedule.step_sizes[:schedule.num_diffusion_steps])
+        mask[:diffusion_tokens, :diffusion_tokens] = True
+    recomputed = KVCache(CONFIG["num_layers"], 3, CONFIG["num_heads"], model.config.head_dim, committed,
+                         torch.device("cpu"), torch.float32)
+    model(tokens.gather(1, order), order, attn_mask=mask[None], kv_cache=recomputed, cache_append=committed)
+    for got, want in ((cache.keys, recomputed.keys), (cache.values, recomputed.values)):
+        torch.testing.assert_close(got[:, :, :, :committed], want, rtol=0, atol=1e-5)
+
+
+def test_cache_refuses_a_chunk_beyond_its_capacity(model, cache_layout):
+    cache = model.new_kv_cache(1, 4)
+    assert type(cache).__name__ == cache_layout
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, dtype=torch.long), torch.arange(3)[None], kv_cache=cache, cache_append=3)
+        with pytest.raises(ValueError, match="cannot take a chunk of 2"):
+            model(torch.zeros(1, 2, dtype=torch.long), torch.arange(3, 5)[None], kv_cache=cache)
+        with pytest.raises(ValueError, match="cannot keep the first 2 rows of a chunk of 1"):
+            model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[3]]), kv_cache=cache, cache_append=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("sampler,alpha0", [(sampling.sample_eso_b, 0.5), (sampling.sample_eso_b, 0.0),
+                                            (sampling.sample_eso_a, 0.5)])
+def test_cuda_graph_steps_sample_what_eager_steps_sample(export_dir, monkeypatch, sampler, alpha0):
+    """On a GPU the static cache's steps are captured and replayed: same tokens as the eager KVCache
+    (which the CPU tests above hold to the uncached references)."""
+    model = EsoLM.from_pretrained(export_dir, device="cuda")
+    schedule = _schedule(alpha0, seed=7).to("cuda")
+    caches = _record_caches(monkeypatch, model)
+
+    def run(static):
+        model.static_kv_cache = static
+        return sampler(model, schedule, 0.9, torch.Generator("cuda").manual_seed(1), record_logits=True)
+
+    graphed, eager = run(True), run(False)
+    assert caches[0].graphs.num_captured >= 1 and caches[1].graphs is None  # the one-token steps replay a graph
+    assert torch.equal(graphed.tokens, eager.tokens)
+    _assert_same_logits(graphed.step_logits, eager.step_logits)
 
 @torch.inference_mode()
 def test_kv_cached_forward_equals_full_causal_forward(model):
@@ -314,6 +386,40 @@ def test_network_follows_the_written_block_spec(export_dir, model):
     assert sampleable.sum() == TOKENIZER_SIZE - 1
     torch.testing.assert_close(logits[:, sampleable], _spec_logits(state, tokens, positions)[:, sampleable],
                                rtol=0, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_bf16_model_rotates_q_and_k_in_fp32(export_dir, monkeypatch):
+    """Rotary in a bf16 model: the exact rotation of its bf16 q/k, rounded to bf16 once (fp32 angles
+    and arithmetic, as in training). Rounding the angles, cos/sin or products to bf16 is far off."""
+    from esolm_dist.inference import model as model_module
+
+    model = EsoLM.from_pretrained(export_dir, dtype=torch.bfloat16)
+    seen = []
+    attend = model_module.attend_after_cache
+    monkeypatch.setattr(model_module, "attend_after_cache",
+                        lambda q, k, *rest: seen.append((q, k)) or attend(q, k, *rest))
+    tokens = torch.randint(TOKENIZER_SIZE, (1, 12), generator=torch.Generator().manual_seed(4))
+    positions = torch.randperm(CONFIG["max_seq_len"], generator=torch.Generator().manual_seed(5))[:12][None]
+    model(tokens, positions)
+    heads, head_dim = CONFIG["num_heads"], model.config.head_dim
+    block = model.blocks[0]
+    qkv = block.attn.qkv(block.ln1(model.embed(tokens))).view(1, 12, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    half = head_dim // 2
+    angles = positions[0, :, None].double() * CONFIG["rotary_base"] ** (-2.0 * torch.arange(half).double() / head_dim)
+
+    def rotate(x, cos, sin):
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    for got, raw in zip(seen[0], qkv[:2], strict=True):
+        exact = rotate(raw.double(), angles.cos(), angles.sin())
+        half_ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp(min=1e-30))) - 8)  # bf16: 8 significant bits
+        error = (got.double() - exact).abs()
+        assert (error <= half_ulp * (1 + 2**-10)).all()
+        low = angles.to(torch.bfloat16)
+        old = rotate(raw, low.cos(), low.sin()).double()  # angles, tables and arithmetic in bf16
+        assert ((old - exact).abs() > 4 * half_ulp).any()
 
 
 # ---- export folder errors ----

@@ -151,8 +151,8 @@ def nucleus_gumbel_sample(logits: torch.Tensor, top_p: float, generator: torch.G
         outside = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, sorted_ids, mass_before >= top_p)
         logits = logits.masked_fill(outside, float("-inf"))
     uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp_(min=torch.finfo(uniform.dtype).tiny)))
-    return (logits + gumbel).argmax(dim=-1)
+    gumbel = uniform.clamp_(min=torch.finfo(uniform.dtype).tiny).log_().neg_().log_().neg_()  # -log(-log u)
+    return gumbel.add_(logits).argmax(dim=-1)
 
 
 # on_step(n): called after each network call with the number of positions it decoded (progress bars)

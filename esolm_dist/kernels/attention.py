@@ -4,7 +4,7 @@
 :class:`AttentionPlan` that every layer calls; ``plan.backend`` says which kernel ran.
 - ``sdpa``: boolean [R, 1, S, S] mask through torch SDPA. The reference; used on CPU.
 - ``flex``: FlexAttention with the same predicate as ``mask_mod`` (GPU; forward also on CPU,
-  where its backward is not supported).
+  where its backward is not supported); block masks from esolm_dist.kernels.flex_masks.
 - ``flash``: flash-attn's variable-length causal kernel, only when every row is two plain
   causal segments (Eso-LM (B) diffusion rows), CUDA and bf16/fp16.
 """
@@ -76,13 +76,9 @@ def plan_attention(masks: RowMaskSpec, device: torch.device, dtype: torch.dtype,
     if backend == "sdpa":
         return AttentionPlan("sdpa", dense_mask=masks.dense(device))
     if backend == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
+        from esolm_dist.kernels.flex_masks import flex_block_mask
 
-        masks = masks.to(device)
-        rows = masks.kinds.shape[0]
-        block_mask = create_block_mask(masks.mask_mod(), rows, None, masks.row_len, masks.row_len,
-                                       device=str(device))
-        return AttentionPlan("flex", block_mask=block_mask)
+        return AttentionPlan("flex", block_mask=flex_block_mask(masks, device))
     rows = masks.kinds.shape[0]
     cu_seqlens = torch.arange(0, 2 * rows + 1, device=device, dtype=torch.int32) * masks.seq_len
     return AttentionPlan("flash", cu_seqlens=cu_seqlens, segment_len=masks.seq_len)
@@ -129,8 +125,15 @@ def attend_after_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         return out.transpose(1, 2)
     if mask is None:
-        chunk, total = q.shape[-2], k.shape[-2]
-        if chunk == total:
+        mask = cached_chunk_mask(q.shape[-2], k.shape[-2], q.device)
+        if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        mask = torch.ones(chunk, total, dtype=torch.bool, device=q.device).tril(total - chunk)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def cached_chunk_mask(chunk: int, total: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean [chunk, total]: each of a chunk's queries sees the total - chunk cached rows and the
+    chunk causally. None when nothing is cached (plain causal: SDPA's is_causal)."""
+    if chunk == total:
+        return None
+    return torch.ones(chunk, total, dtype=torch.bool, device=device).tril(total - chunk)
