@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from esolm_dist.atomic_io import write_atomically
 from esolm_dist.errors import CheckpointError
 from esolm_dist.parallel.state import Topology
 from esolm_dist.safe_load import load_file, refusal, weights_only_loads
@@ -78,12 +79,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _rank_file(directory: Path, rank: int) -> Path:
     return directory / f"rank_{rank:05d}.pt"
 
@@ -105,14 +100,14 @@ def save(engine, run_dir: str | Path, step: int, meta: dict, rank_state: dict, t
     os.replace(rank_tmp, _rank_file(partial, topo.rank))
     dist.barrier()
     if topo.rank == 0:
-        _atomic_write_text(partial / META, json.dumps({**meta, "step": step, "layout": layout_of(topo),
+        write_atomically(partial / META, json.dumps({**meta, "step": step, "layout": layout_of(topo),
                                                        "world_size": topo.world_size}, indent=2))
         if final.exists():  # this step saved before, and latest was moved back past it: keep that copy
             kept = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(final, kept)
             print(f"esolm-train: {final} already existed; moved it to {kept}", flush=True)
         os.replace(partial, final)
-        _atomic_write_text(root / LATEST, final.name)
+        write_atomically(root / LATEST, final.name)
         _prune(root, keep_last, meta.get("run_uid"), step)
     dist.barrier()
     return final

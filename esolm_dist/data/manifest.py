@@ -7,12 +7,12 @@ shard file's size in bytes and the sha256 of its bytes (what ``sha256sum`` print
 """
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from esolm_dist.atomic_io import write_atomically
 from esolm_dist.data.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -116,16 +116,6 @@ class Manifest:
                             f"{self.tokenizer_fingerprint[:12]} but the run uses "
                             f"{tokenizer_fingerprint[:12]}; rebuild with tools/make_shards.py "
                             f"--tokenizer <the run's tokenizer.json>")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write a text file under a temporary name (path + ".tmp"), fsync it, rename it to path."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(shard_dir: str | Path) -> Manifest:

@@ -36,6 +36,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from esolm_dist.atomic_io import write_atomically
 from esolm_dist.data.corpus import corpus_fingerprint, find_corpus_files
 from esolm_dist.data.errors import DataError
 from esolm_dist.data.manifest import (
@@ -47,7 +48,6 @@ from esolm_dist.data.manifest import (
     read_manifest,
     stored_dtype,
     token_dtype,
-    write_atomically,
 )
 from esolm_dist.data.packing import PackedSplit, pack_corpus
 from esolm_dist.data.tokenizer import EsoTokenizer, load_tokenizer
