@@ -17,20 +17,22 @@ from pathlib import Path
 from esolm_dist.config import RunConfig, flatten, to_dict
 
 
-def _prepare_sqlite_dir(uri: str) -> str | None:
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store; None for a tracking server."""
+    return Path(uri[len("sqlite:///"):]).resolve() if uri.startswith("sqlite:///") else None
+
+
+def _prepare_sqlite_dir(database: Path) -> str:
     """Create the database's folder; returns where artifacts go (beside the database, not ./mlruns)."""
-    if not uri.startswith("sqlite:///"):
-        return None  # a tracking server decides
-    folder = Path(uri[len("sqlite:///"):]).resolve().parent
-    folder.mkdir(parents=True, exist_ok=True)
-    return (folder / "mlartifacts").as_uri()
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return (database.parent / "mlartifacts").as_uri()
 
 
 @contextmanager
-def _store_setup_lock(uri: str):
+def _store_setup_lock(database: Path):
     """Two trainers opening a new sqlite store at once would both create its tables (one crashes
     inside MLflow): the first to take this lock creates the store and experiment, the other waits."""
-    with open(Path(uri[len("sqlite:///"):]).resolve().with_suffix(".setup-lock"), "w") as lock:
+    with open(database.with_suffix(".setup-lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -51,10 +53,11 @@ class MlflowMonitor:
 
         self._Metric = Metric
         uri = os.environ.get("MLFLOW_TRACKING_URI", cfg.logging.mlflow_uri)
-        artifact_location = _prepare_sqlite_dir(uri)
+        database = _sqlite_file(uri)
+        artifact_location = _prepare_sqlite_dir(database) if database else None  # else the server decides
         self.uri = uri
         self.notice = None  # said once by the trainer
-        with _store_setup_lock(uri) if artifact_location else nullcontext():
+        with _store_setup_lock(database) if database else nullcontext():
             self.client = MlflowClient(tracking_uri=uri)
             experiment = self.client.get_experiment_by_name(cfg.logging.experiment)
             if experiment is None:

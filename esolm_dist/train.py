@@ -26,6 +26,7 @@ from esolm_dist import checkpoint
 from esolm_dist.config import ConfigError, RunConfig, describe_keys, load_config, to_dict
 from esolm_dist.data.errors import DataError
 from esolm_dist.ema import EMA
+from esolm_dist.eso.loss import loss_parts
 from esolm_dist.eso.rows import build_rows, noise_generator
 from esolm_dist.flops import device_peak_flops, matmul_precision, training_step_flops
 from esolm_dist.inference.export_io import ExportError
@@ -241,7 +242,7 @@ class Trainer:
                 out = self.engine(*_row_tensors(micro_rows))
                 self.engine.backward(out["loss"])
                 self.engine.step()
-                sums += torch.stack([out["loss"], out["loss_diffusion"], out["loss_sequential"]]).detach()
+                sums += loss_parts(out)
             sums /= self.accumulation
         if self.ema is not None:
             self.ema.update(self.engine.module)
@@ -281,7 +282,7 @@ class Trainer:
             sums = torch.zeros(3, device=topo.device)
             for r in rows:
                 out = self.engine(*_row_tensors(r))
-                sums += torch.stack([out["loss"], out["loss_diffusion"], out["loss_sequential"]]).detach()
+                sums += loss_parts(out)
             means = dp_mean(sums / len(val)).tolist()
             nelbo, halves = means[0], means[1:]
         self.engine.train()
@@ -368,13 +369,9 @@ class Trainer:
     def _log_step(self, metrics: dict[str, float], steps: int, seconds: float, meter: StepMeter) -> None:
         """One console line and one MLflow record per log step (the only host syncs of the loop)."""
         cfg, topo, state = self.cfg, self.topo, self.state
-        tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
-        metrics["tokens_per_s"] = tokens_per_step * steps / seconds
+        metrics.update(self._rates(steps, seconds))
         metrics["step_time_s"] = seconds / steps
         metrics["tokens_seen"] = state.consumed_samples * cfg.model.seq_len
-        if self.peak_flops:
-            per_flop_s = steps / seconds / (self.peak_flops * topo.world_size)
-            metrics["mfu"], metrics["hfu"] = self.flops_per_step * per_flop_s, self.hardware_flops_per_step * per_flop_s
         memory = ""
         if topo.device.type == "cuda":
             metrics["memory_gb"] = torch.cuda.max_memory_allocated(topo.device) / 2**30
@@ -390,15 +387,21 @@ class Trainer:
                   f"{clock(eta) if eta is not None else '-'} | tokens {count(metrics['tokens_seen'])}{memory} | "
                   f"attention={self.attention_backend()}", from_logging_rank=True)
 
+    def _rates(self, steps: int, seconds: float) -> dict[str, float]:
+        """tokens/s, and MFU and HFU where the device's peak is known, of ``steps`` trained in ``seconds``."""
+        rates = {"tokens_per_s": steps * self.cfg.train.global_batch_size * self.cfg.model.seq_len / seconds}
+        if self.peak_flops:
+            per_flop_s = steps / seconds / (self.peak_flops * self.topo.world_size)
+            rates["mfu"], rates["hfu"] = self.flops_per_step * per_flop_s, self.hardware_flops_per_step * per_flop_s
+        return rates
+
     def _summarise(self, meter: StepMeter, saved_at: int, finished: bool) -> None:
         """The end-of-run summary: console and MLflow (summary/...)."""
         cfg, topo, state = self.cfg, self.topo, self.state
         tokens = meter.total_steps * cfg.train.global_batch_size * cfg.model.seq_len
         summary = {"steps": meter.total_steps, "seconds": meter.elapsed(), "tokens": tokens,
-                   "tokens_per_s": tokens / meter.total_seconds if meter.total_seconds else 0.0}
-        if self.peak_flops and meter.total_seconds:
-            per_flop_s = meter.total_steps / meter.total_seconds / (self.peak_flops * topo.world_size)
-            summary["mfu"], summary["hfu"] = self.flops_per_step * per_flop_s, self.hardware_flops_per_step * per_flop_s
+                   **(self._rates(meter.total_steps, meter.total_seconds) if meter.total_seconds else
+                      {"tokens_per_s": 0.0})}
         for key in ("last_val_nelbo", "best_val_nelbo"):
             if getattr(state, key) is not None:
                 summary[key] = getattr(state, key)

@@ -18,3 +18,8 @@ def hybrid_loss(nll: torch.Tensor, loss_weight: torch.Tensor, kinds: torch.Tenso
     diffusion = per_row[kinds == DIFFUSION_PAIR].sum()
     sequential = per_row[kinds == SEQUENTIAL].sum()
     return {"loss": diffusion + sequential, "loss_diffusion": diffusion, "loss_sequential": sequential}
+
+
+def loss_parts(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(loss, diffusion half, sequential half) of a hybrid_loss result, detached: what is logged."""
+    return torch.stack([out["loss"], out["loss_diffusion"], out["loss_sequential"]]).detach()

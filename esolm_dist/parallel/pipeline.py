@@ -22,7 +22,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch.utils.checkpoint import checkpoint
 
 from esolm_dist.config import ModelConfig
-from esolm_dist.eso.loss import hybrid_loss
+from esolm_dist.eso.loss import hybrid_loss, loss_parts
 from esolm_dist.eso.masks import RowMaskSpec
 from esolm_dist.kernels.attention import plan_attention
 from esolm_dist.model.rotary import rotary_tables
@@ -95,7 +95,7 @@ class PipelineLoss:
     def __call__(self, logits, labels):
         targets, loss_weight, kinds = labels
         out = hybrid_loss(vocab_parallel_cross_entropy(logits.float(), targets), loss_weight, kinds)
-        self.parts.append(torch.stack([out["loss"], out["loss_diffusion"], out["loss_sequential"]]).detach())
+        self.parts.append(loss_parts(out))
         return out["loss"]
 
     def take(self) -> torch.Tensor | None:

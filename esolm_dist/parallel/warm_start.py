@@ -19,7 +19,7 @@ import torch
 from megatron.core import parallel_state as ps
 from torch import nn
 
-from esolm_dist.checkpoint import CheckpointError
+from esolm_dist.errors import CheckpointError
 from esolm_dist.parallel.consolidate import network_parameters, tensor_parallel_dim
 
 # Parameters whose first dimension is the (padded) vocabulary: the padding depends on the TP size.
