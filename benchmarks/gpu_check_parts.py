@@ -226,11 +226,11 @@ def build_training(cfg, vocab: int, mask_id: int, device):
     from esolm_dist.model.objective import EsoObjective
     from esolm_dist.model.transformer import EsoTransformer
     from esolm_dist.parallel.engine import build_engine
+    from esolm_dist.parallel.state import Topology
 
     network = EsoTransformer(cfg.model, vocab, mask_id, torch.bfloat16, init_seed=cfg.train.seed)
-    network.checkpoint_activations = cfg.parallel.activation_checkpointing
-    module = EsoObjective(network, cfg.eso.variant, cfg.model.seq_len).to(device)
-    return build_engine(module, cfg, 1), network
+    objective = EsoObjective(network, cfg.eso.variant, cfg.model.seq_len)
+    return build_engine(objective, cfg, Topology.single_process(device)), network
 
 
 def train_step(engine, cfg, mask_id: int, step: int, device):
@@ -238,17 +238,12 @@ def train_step(engine, cfg, mask_id: int, step: int, device):
     import torch
 
     from esolm_dist.eso.rows import build_rows, noise_generator
-    from esolm_dist.model.objective import row_tensors
-
     e = cfg.eso
     gen = torch.Generator().manual_seed(step)
     x = torch.randint(0, mask_id, (cfg.train.micro_batch_size, cfg.model.seq_len), generator=gen)
     rows = build_rows(x, alpha0=e.alpha0, kappa=e.kappa, variant=e.variant, loss_type=e.loss_type, eps=e.eps,
                       mask_id=mask_id, generator=noise_generator(cfg.train.seed, step, 0, 0)).to(device)
-    out = engine(*row_tensors(rows))
-    engine.backward(out["loss"])
-    engine.step()
-    return out["loss"]
+    return engine.train_step([rows], micro_batches=1)[0]
 
 
 def peak_memory_gb(device) -> float:
@@ -402,8 +397,9 @@ def export_part(box: TimeBox, sizes: Sizes, ctx: Context) -> dict:
     import torch
 
     from esolm_dist import checkpoint
+    from esolm_dist.checkpoint_reader import read_checkpoint_weights
     from esolm_dist.config import ParallelConfig, to_dict
-    from esolm_dist.convert import export, read_checkpoint_weights
+    from esolm_dist.convert import export
     from esolm_dist.data.tokenizer import load_tokenizer
     from esolm_dist.parallel.state import init_parallel
 
@@ -417,7 +413,7 @@ def export_part(box: TimeBox, sizes: Sizes, ctx: Context) -> dict:
         meta = {"consumed_samples": cfg.train.micro_batch_size, "run_uid": "gpu-check", "config": to_dict(cfg),
                 "tokenizer_vocab": tokenizer.vocab_size, "mask_id": tokenizer.mask_id}
         rank_state = {"rng": checkpoint.rng_state(), "data": {}, "ema": None}
-        saved = checkpoint.save(engine, cfg.train.run_dir, 1, meta, rank_state, topo, keep_last=1)
+        saved = checkpoint.save(engine.deepspeed, cfg.train.run_dir, 1, meta, rank_state, topo, keep_last=1)
     finally:
         engine.destroy()
     free_memory()

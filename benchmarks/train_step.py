@@ -52,6 +52,7 @@ def time_layout(name: str, out: Path, steps: int, warmup: int) -> None:
     import torch
     import torch.distributed as dist
 
+    from esolm_dist.callbacks import Throughput
     from esolm_dist.config import load_config
     from esolm_dist.flops import measured_cpu_peak
     from esolm_dist.parallel.state import reset_model_parallel
@@ -76,13 +77,14 @@ def time_layout(name: str, out: Path, steps: int, warmup: int) -> None:
             seconds.append(time.perf_counter() - start)
     topo = trainer.topo
     median = statistics.median(seconds)
+    meter = trainer.callback(Throughput)
     if topo.rank == 0:
         tokens = cfg.train.global_batch_size * cfg.model.seq_len
         result = {"layout": name, "processes": topo.world_size, "threads_per_process": torch.get_num_threads(),
                   "step_s": seconds, "median_step_s": median, "tokens_per_s": tokens / median,
-                  "flops_per_step": trainer.flops_per_step, "peak_flops_per_process": trainer.peak_flops,
-                  "mfu": trainer.flops_per_step / median / (trainer.peak_flops * topo.world_size),
-                  "hfu": trainer.hardware_flops_per_step / median / (trainer.peak_flops * topo.world_size)}
+                  "flops_per_step": meter.flops_per_step, "peak_flops_per_process": meter.peak_flops,
+                  "mfu": meter.flops_per_step / median / (meter.peak_flops * topo.world_size),
+                  "hfu": meter.hardware_flops_per_step / median / (meter.peak_flops * topo.world_size)}
         (out / f"{run_dir.name}.json").write_text(json.dumps(result))
     trainer.engine.destroy()
     dist.barrier()

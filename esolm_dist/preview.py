@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from esolm_dist.config import RunConfig, to_dict
-from esolm_dist.convert import export_config, to_reference_layout
 from esolm_dist.eso.sampling import sample
+from esolm_dist.inference.export_io import export_config
 from esolm_dist.inference.model import EsoLM
+from esolm_dist.weight_layout import to_reference_layout
 
 
 def preview_samples(network_weights: dict[str, torch.Tensor], cfg: RunConfig, tokenizer, mask_id: int,

@@ -78,7 +78,7 @@ def test_verify_prints_the_tolerance_and_a_verdict(trained, tmp_path, monkeypatc
 
 def test_model_card_rounds_the_validation_nelbo(trained, tmp_path):
     from esolm_dist.checkpoint import read_meta
-    from esolm_dist.convert import resolve_checkpoint
+    from esolm_dist.checkpoint_reader import resolve_checkpoint
 
     meta = read_meta(resolve_checkpoint(trained[0]))
     card = (export(trained[0], tmp_path / "card") / "README.md").read_text()

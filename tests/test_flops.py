@@ -130,6 +130,7 @@ def test_block_sparse_kernels_execute_between_the_mask_and_dense():
 
 
 def test_trainer_reports_mfu_and_hfu_from_the_mask_counts(single_process, tmp_path, shard_dir):
+    from esolm_dist.callbacks import Throughput
     from esolm_dist.train import Trainer
 
     trainer = Trainer(tiny_config(tmp_path / "run", shard_dir, "train.max_steps=2", "logging.samples=0",
@@ -139,8 +140,8 @@ def test_trainer_reports_mfu_and_hfu_from_the_mask_counts(single_process, tmp_pa
     d, vocab, rows = 32, trainer.network.vocab_size, 3
     matmuls = rows * 64 * (2 * 2 * (4 * d * d + 2 * d * 128) + 2 * d * vocab)
     per_pair = 4 * d * 2
-    assert trainer.flops_per_step == 2 * 3 * (matmuls + per_pair * rows * 32 * 33)
-    assert trainer.hardware_flops_per_step == 2 * 3 * (matmuls + per_pair * rows * 64 * 64)
+    assert trainer.callback(Throughput).flops_per_step == 2 * 3 * (matmuls + per_pair * rows * 32 * 33)
+    assert trainer.callback(Throughput).hardware_flops_per_step == 2 * 3 * (matmuls + per_pair * rows * 64 * 64)
     state = trainer.fit()
     logged = [h for h in state.history if "train/mfu" in h]
     assert logged and all(0 < h["train/mfu"] < h["train/hfu"] for h in logged)

@@ -90,10 +90,12 @@ def test_the_engine_announces_its_kernels_and_the_model_uses_the_dispatching_lay
     from esolm_dist.config import load_config
     from esolm_dist.model.objective import EsoObjective
     from esolm_dist.parallel.engine import build_engine
+    from esolm_dist.parallel.state import Topology
 
     assert isinstance(tiny_network.blocks[0].ln1, fused.LayerNorm)
     assert isinstance(tiny_network.head.final_ln, fused.LayerNorm)
     cfg = load_config(None, ["train.global_batch_size=8", "train.micro_batch_size=8"])
-    engine = build_engine(EsoObjective(tiny_network, "B", tiny_network.cfg.seq_len), cfg, 1)
+    engine = build_engine(EsoObjective(tiny_network, "B", tiny_network.cfg.seq_len), cfg,
+                          Topology.single_process(torch.device("cpu")))
     assert "esolm-train: kernels: LayerNorm torch, optimizer AdamW (torch)" in capsys.readouterr().out
     engine.destroy()

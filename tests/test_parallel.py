@@ -174,8 +174,9 @@ def test_invalid_layout_fails_at_start_up(monkeypatch, capsys, world_size, overr
 def test_tp2_pp2_checkpoint_exports_the_single_process_weights(results, tmp_path):
     """Export parity: the TP=2 x PP=2 checkpoint (per-layer, per-TP-rank files) exports to the
     reference layout; its logits equal the checkpoint network's, its weights the single-process run's."""
-    from esolm_dist.convert import export, to_reference_layout
+    from esolm_dist.convert import export
     from esolm_dist.inference.export_io import read_export
+    from esolm_dist.weight_layout import to_reference_layout
 
     out, launches = results
     assert launches[4][0] == 0 and launches[1][0] == 0
@@ -192,8 +193,9 @@ def test_tp2_pp2_checkpoint_exports_the_single_process_weights(results, tmp_path
 def test_zero3_checkpoint_exports_its_weights(results, tmp_path):
     """A ZeRO-3 checkpoint keeps its weights in DP-partitioned optimizer files; the export merges them,
     live and EMA, into the weights the run itself consolidated."""
-    from esolm_dist.convert import export, to_reference_layout
+    from esolm_dist.convert import export
     from esolm_dist.inference.export_io import read_export
+    from esolm_dist.weight_layout import to_reference_layout
 
     out, launches = results
     assert launches[2][0] == 0

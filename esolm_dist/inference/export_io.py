@@ -269,3 +269,16 @@ def _swap_into_place(staging: Path, root: Path) -> None:
     os.rename(root, retired / root.name)
     os.rename(staging, root)
     shutil.rmtree(retired)
+
+
+def export_config(meta: dict, weights: dict[str, torch.Tensor], tokenizer, dtype: str) -> ExportConfig:
+    """The export config of a training checkpoint's meta (esolm_dist.checkpoint) and its reference-layout weights."""
+    m, e = meta["config"]["model"], meta["config"]["eso"]
+    return ExportConfig.from_dict({
+        "format": "esolm-export-v1", "vocab_size": int(weights["embed.weight"].shape[0]),
+        "hidden_size": m["hidden_size"], "num_layers": m["num_layers"], "num_heads": m["num_heads"],
+        "ffn_hidden_size": m["ffn_hidden_size"] or 4 * m["hidden_size"], "rotary_base": float(m["rotary_base"]),
+        "layernorm_eps": float(m["layernorm_eps"]), "mask_token_id": meta["mask_id"],
+        "eos_token_id": tokenizer.eos_id, "max_seq_len": m["seq_len"], "variant": e["variant"],
+        "alpha0": float(e["alpha0"]), "dtype": dtype,
+    }, "the checkpoint's config")

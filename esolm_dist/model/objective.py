@@ -1,4 +1,8 @@
-"""The training objective: the network plus the hybrid loss, as one module for the engine."""
+"""The training objective: the network plus the hybrid loss, as one module for the engine.
+
+Its parts are used by both training paths: ``forward`` for the plain engine, and ``masks`` and
+``loss`` by the pipeline stages that esolm_dist.parallel.pipeline cuts from the same objective.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,19 @@ class EsoObjective(nn.Module):
         self.variant = variant
         self.seq_len = seq_len
 
+    def masks(self, kinds: torch.Tensor, n_clean: torch.Tensor) -> RowMaskSpec:
+        """The attention masks of a batch of rows, from their kinds and clean-token counts."""
+        return RowMaskSpec(self.variant, self.seq_len, kinds, n_clean)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor, loss_weight: torch.Tensor,
+             kinds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The hybrid loss of vocab-parallel logits (fp32 cross entropy over the TP group)."""
+        return hybrid_loss(vocab_parallel_cross_entropy(logits.float(), targets), loss_weight, kinds)
+
     def forward(self, tokens, positions, targets, loss_weight, kinds, n_clean) -> dict[str, torch.Tensor]:
-        masks = RowMaskSpec(self.variant, self.seq_len, kinds, n_clean)
-        logits = self.network(tokens, positions, masks)
-        nll = vocab_parallel_cross_entropy(logits.float(), targets)
-        return hybrid_loss(nll, loss_weight, kinds)
+        logits = self.network(tokens, positions, self.masks(kinds, n_clean))
+        return self.loss(logits, targets, loss_weight, kinds)
 
 
 def row_tensors(rows: EsoRows) -> tuple[torch.Tensor, ...]:

@@ -8,8 +8,8 @@ shard per TP rank). No time conditioning.
 
 The fused QKV weight is ordered per head, [H, (q, k, v), head_dim] rows, so any TP degree
 takes whole heads; tools/convert.py maps it to the reference [all q; all k; all v].
-The model is a list of stages (embedding, blocks, head) so that pipeline parallelism can
-cut it anywhere without the model knowing.
+The model is a list of components (embedding, blocks, head) so that pipeline parallelism
+(esolm_dist.parallel.pipeline) can cut it into stages from outside without the model knowing.
 """
 
 from __future__ import annotations
@@ -171,19 +171,19 @@ class EsoTransformer(nn.Module):
         self.last_backend = ""
         self.checkpoint_activations = False  # recompute each block in backward (parallel.activation_checkpointing)
 
-    def rotary(self, positions: torch.Tensor):
-        return rotary_tables(positions, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rotary_base)
-
-    def plan(self, masks: RowMaskSpec, hidden: torch.Tensor) -> AttentionPlan:
+    def context(self, positions: torch.Tensor, masks: RowMaskSpec,
+                hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, AttentionPlan]:
+        """What every block of one forward pass shares: the rotary tables of ``positions`` and the
+        attention plan of ``masks`` (also used by the pipeline stages, esolm_dist.parallel.pipeline)."""
+        cos, sin = rotary_tables(positions, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rotary_base)
         plan = plan_attention(masks, hidden.device, hidden.dtype, self.cfg.attention_backend,
                               needs_grad=torch.is_grad_enabled())
         self.last_backend = plan.backend
-        return plan
+        return cos, sin, plan
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, masks: RowMaskSpec) -> torch.Tensor:
         hidden = self.embedding(tokens)
-        cos, sin = self.rotary(positions)
-        attend = self.plan(masks, hidden)
+        cos, sin, attend = self.context(positions, masks, hidden)
         for block in self.blocks:
             if self.checkpoint_activations and torch.is_grad_enabled():
                 hidden = checkpoint(block, hidden, cos, sin, attend, use_reentrant=False)

@@ -17,7 +17,10 @@ from megatron.core import parallel_state as ps
 
 from esolm_dist.config import RunConfig
 from esolm_dist.kernels import fused
-from esolm_dist.parallel.state import announce_jit_build
+from esolm_dist.model.objective import EsoObjective
+from esolm_dist.parallel.engine_adapter import PipelineEngine, PlainEngine, TrainingEngine
+from esolm_dist.parallel.pipeline import pipeline_module
+from esolm_dist.parallel.state import Topology, announce_jit_build
 
 
 class MegatronMPU:
@@ -146,19 +149,30 @@ def quiet_deepspeed() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def build_engine(module: torch.nn.Module, cfg: RunConfig, dp_size: int):
-    """deepspeed.initialize with our optimizer, schedule and process groups; returns the engine.
+def build_engine(objective: EsoObjective, cfg: RunConfig, topo: Topology) -> TrainingEngine:
+    """The objective with this run's parallelism applied from outside, as a training engine.
 
-    A PipelineModule brings its own grid (same rank order as megatron-core); other modules get
-    ``mpu``. ``engine.grad_norm()`` reports the global gradient norm of the last step.
+    Pipeline parallelism cuts the objective into this rank's stage (esolm_dist.parallel.pipeline);
+    otherwise the objective itself is DeepSpeed's module (recomputing each block's activations in
+    backward under parallel.activation_checkpointing). deepspeed.initialize gets our optimizer,
+    schedule and process groups: a PipelineModule brings its own grid (same rank order as
+    megatron-core), other modules get ``mpu``.
     """
     import deepspeed
 
     quiet_deepspeed()
-    check_batch_layout(cfg, dp_size)
+    check_batch_layout(cfg, topo.dp_size)
+    pipelined = topo.pp_size > 1
+    if pipelined:
+        module = pipeline_module(objective, topo.tp_size, topo.pp_size, topo.dp_size,
+                                 cfg.parallel.activation_checkpointing)
+    else:
+        objective.network.checkpoint_activations = cfg.parallel.activation_checkpointing
+        module = objective
+    module = module.to(topo.device)
     mark_norm_owners(module)
     o = cfg.optim
-    device = next(module.parameters()).device
+    device = topo.device
     if cfg.parallel.cpu_offload:
         # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU Adam (JIT-built once)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -177,9 +191,8 @@ def build_engine(module: torch.nn.Module, cfg: RunConfig, dp_size: int):
     if cfg.parallel.zero_stage == 0:
         clip = ClipBeforeStep(module, o.grad_clip)
         optimizer.register_step_pre_hook(clip)
-    is_pipeline = isinstance(module, deepspeed.pipe.PipelineModule)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, dp_size, device),
-                                           mpu=None if is_pipeline else MegatronMPU(), dist_init_required=False)
-    engine.grad_norm = (lambda: clip.last_norm) if clip else (lambda: float(engine.get_global_grad_norm()))
-    return engine
+                                           config=deepspeed_config(cfg, topo.dp_size, device),
+                                           mpu=None if pipelined else MegatronMPU(), dist_init_required=False)
+    grad_norm = (lambda: clip.last_norm) if clip else (lambda: float(engine.get_global_grad_norm()))
+    return (PipelineEngine if pipelined else PlainEngine)(engine, grad_norm)

@@ -1,14 +1,17 @@
-"""Pipeline parallelism: the Eso-LM network as a DeepSpeed PipelineModule (1F1B schedule).
+"""Pipeline parallelism cut from outside: the one Eso-LM objective as a DeepSpeed PipelineModule (1F1B).
 
-The stages are the network's own components (embedding, blocks, head) wrapped to pass one
-tuple between stages: (hidden [R, 2L, d], positions [R, 2L], kinds [R], n_clean [R, 2]). Every
-micro-batch has the same shape (rows of 2L tokens), so the pipeline negotiates it once. The
-mask metadata travels with the activations, so every stage builds the same attention masks
-without extra communication; the loss is computed on the last stage only.
+``pipeline_module`` turns the embedding, the blocks and the head of the objective's own network
+into stages; nothing is built twice. Each stage is a *view* of its component: it shares the
+component's parameters, buffers and submodules, so the weights, their names in checkpoints and
+the initialisation are exactly the single-process model's. The stages pass one tuple along:
+(hidden [R, 2L, d], positions [R, 2L], kinds [R], n_clean [R, 2]). Every micro-batch has the same
+shape (rows of 2L tokens), so the pipeline negotiates it once. The mask metadata travels with the
+activations; every block asks the network for the rotary tables and attention plan
+(``EsoTransformer.context``, computed once per micro-batch and stage) and the last stage computes
+the objective's own loss.
 
-Each component is built with its own seed (``seeded_init``), so a stage builds exactly the
-weights the single-process model has, and DeepSpeed's topology orders ranks like
-megatron-core (TP fastest, then DP, then PP), so both libraries agree on every group.
+DeepSpeed's topology orders ranks like megatron-core (TP fastest, then DP, then PP), so both
+libraries agree on every group.
 """
 
 from __future__ import annotations
@@ -16,85 +19,80 @@ from __future__ import annotations
 import functools
 
 import torch
-from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from esolm_dist.config import ModelConfig
-from esolm_dist.eso.loss import hybrid_loss, loss_parts
-from esolm_dist.eso.masks import RowMaskSpec
-from esolm_dist.kernels.attention import plan_attention
-from esolm_dist.model.rotary import rotary_tables
-from esolm_dist.model.transformer import Block, Embedding, Head, NetworkParts, seeded_init
+from esolm_dist.eso.loss import loss_parts
+from esolm_dist.model.objective import EsoObjective
 
 
-class EmbeddingStage(Embedding):
-    def __init__(self, cfg: ModelConfig, parts: NetworkParts, seed: int):
-        with seeded_init(seed, 0):
-            super().__init__(cfg, parts.vocab_size, parts.mp_config)
+class ComponentView(nn.Module):
+    """A pipeline stage that *is* one component of the network: the same parameter, buffer and
+    submodule dicts (so ``.to()``, state dicts and the optimizer see the component under its own
+    names); the component itself is kept unregistered so nothing is counted twice."""
 
+    def __init__(self, component: nn.Module):
+        super().__init__()
+        self._parameters = component._parameters
+        self._buffers = component._buffers
+        self._non_persistent_buffers_set = component._non_persistent_buffers_set
+        self._modules = component._modules
+        object.__setattr__(self, "component", component)
+
+
+class EmbeddingStage(ComponentView):
     def forward(self, inputs):
         tokens, positions, kinds, n_clean = inputs
-        return super().forward(tokens), positions, kinds, n_clean
+        return self.component(tokens), positions, kinds, n_clean
 
 
-class StagePlans:
-    """Rotary tables and attention plan shared by the blocks of one stage for one micro-batch.
+class StageContext:
+    """The rotary tables and attention plan of the current micro-batch, shared by one stage's blocks.
 
-    The blocks pass the same positions/kinds/n_clean tensor objects along, so identity tells a
-    new micro-batch from the current one; holding references keeps their memory from being reused.
+    The blocks pass the same positions/kinds/n_clean tensor objects along, so identity tells a new
+    micro-batch from the current one; holding references keeps their memory from being reused.
     """
 
-    def __init__(self):
+    def __init__(self, objective: EsoObjective):
+        self.objective = objective
         self._key: tuple = ()
         self._value: tuple = ()
-        self.backend = ""
 
-    def get(self, cfg: ModelConfig, variant: str, hidden, positions, kinds, n_clean):
+    def get(self, hidden, positions, kinds, n_clean):
         key = (positions, kinds, n_clean, torch.is_grad_enabled())
         if len(self._key) != len(key) or any(a is not b for a, b in zip(self._key, key, strict=True)):
-            masks = RowMaskSpec(variant, cfg.seq_len, kinds, n_clean)
-            plan = plan_attention(masks, hidden.device, hidden.dtype, cfg.attention_backend,
-                                  needs_grad=torch.is_grad_enabled())
-            cos, sin = rotary_tables(positions, cfg.hidden_size // cfg.num_heads, cfg.rotary_base)
-            self._key, self._value, self.backend = key, (cos, sin, plan), plan.backend
+            masks = self.objective.masks(kinds, n_clean)
+            self._key, self._value = key, self.objective.network.context(positions, masks, hidden)
         return self._value
 
 
-class BlockStage(Block):
-    def __init__(self, cfg: ModelConfig, parts: NetworkParts, seed: int, index: int, variant: str,
-                 plans: StagePlans):
-        with seeded_init(seed, index + 1):
-            super().__init__(cfg, parts.mp_config)
-        self.cfg = cfg
-        self.variant = variant
-        self.plans = plans
+class BlockStage(ComponentView):
+    def __init__(self, block: nn.Module, context: StageContext):
+        super().__init__(block)
+        object.__setattr__(self, "context", context)
 
     def forward(self, inputs):
         hidden, positions, kinds, n_clean = inputs
-        cos, sin, plan = self.plans.get(self.cfg, self.variant, hidden, positions, kinds, n_clean)
-        return super().forward(hidden, cos, sin, plan), positions, kinds, n_clean
+        cos, sin, plan = self.context.get(hidden, positions, kinds, n_clean)
+        return self.component(hidden, cos, sin, plan), positions, kinds, n_clean
 
 
-class HeadStage(Head):
-    def __init__(self, cfg: ModelConfig, parts: NetworkParts, seed: int):
-        with seeded_init(seed, cfg.num_layers + 1):
-            super().__init__(cfg, parts.vocab_size, parts.never_predict, parts.mp_config)
-
+class HeadStage(ComponentView):
     def forward(self, inputs):
-        return super().forward(inputs[0])
+        return self.component(inputs[0])
 
 
 class PipelineLoss:
-    """loss_fn of the last stage: the hybrid loss, keeping its two halves for logging."""
+    """loss_fn of the last stage: the objective's loss, keeping its two halves for logging."""
 
-    def __init__(self):
+    def __init__(self, objective: EsoObjective):
+        self.objective = objective
         self.parts: list[torch.Tensor] = []
 
     def __call__(self, logits, labels):
-        targets, loss_weight, kinds = labels
-        out = hybrid_loss(vocab_parallel_cross_entropy(logits.float(), targets), loss_weight, kinds)
+        out = self.objective.loss(logits, *labels)
         self.parts.append(loss_parts(out))
         return out["loss"]
 
@@ -107,34 +105,28 @@ class PipelineLoss:
         return mean
 
 
-def network_name(pipeline_layer: int, rest: str, num_layers: int) -> str:
-    """A PipelineModule layer index + parameter name -> the EsoTransformer name of that parameter."""
-    if pipeline_layer == 0:
-        return f"embedding.{rest}"
-    if pipeline_layer <= num_layers:
-        return f"blocks.{pipeline_layer - 1}.{rest}"
-    return f"head.{rest}"
-
-
-def build_pipeline(cfg: ModelConfig, tokenizer_vocab: int, mask_id: int, dtype: torch.dtype, seed: int,
-                   variant: str, tp: int, pp: int, dp: int, activation_checkpointing: bool) -> PipelineModule:
-    parts = NetworkParts(cfg, tokenizer_vocab, mask_id, dtype)
-    plans = StagePlans()
-    layers = [LayerSpec(EmbeddingStage, cfg, parts, seed)]
-    layers += [LayerSpec(BlockStage, cfg, parts, seed, index, variant, plans) for index in range(cfg.num_layers)]
-    layers += [LayerSpec(HeadStage, cfg, parts, seed)]
+def pipeline_module(objective: EsoObjective, tp: int, pp: int, dp: int,
+                    activation_checkpointing: bool) -> PipelineModule:
+    """The objective cut into ``pp`` stages of whole blocks (the first also holds the embedding, the
+    last the head). The components of other stages are moved to the meta device: each rank keeps
+    only its own stage's weights."""
+    network = objective.network
+    context = StageContext(objective)
+    layers = [EmbeddingStage(network.embedding), *(BlockStage(block, context) for block in network.blocks),
+              HeadStage(network.head)]
     module = PipelineModule(
         layers=layers,
         topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
-        loss_fn=PipelineLoss(),
+        loss_fn=PipelineLoss(objective),
         partition_method="type:BlockStage",
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
         activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
         checkpointable_layers=["BlockStage"],
     )
-    module.vocab_size = parts.vocab_size
-    module.num_layers = cfg.num_layers
-    module.plans = plans
+    for index, layer in enumerate(layers):
+        if not module._local_start <= index < module._local_stop:
+            layer.to("meta")
+    module.num_layers = len(network.blocks)  # esolm_dist.weight_layout maps layer indices to network names
     return module
 
 

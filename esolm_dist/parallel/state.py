@@ -36,6 +36,11 @@ class Topology:
     dp_size: int
     device: torch.device
 
+    @classmethod
+    def single_process(cls, device: torch.device) -> Topology:
+        return cls(rank=0, world_size=1, local_rank=0, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, dp_rank=0,
+                   dp_size=1, device=device)
+
     @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0

@@ -20,10 +20,7 @@ from megatron.core import parallel_state as ps
 from torch import nn
 
 from esolm_dist.errors import CheckpointError
-from esolm_dist.parallel.consolidate import network_parameters, tensor_parallel_dim
-
-# Parameters whose first dimension is the (padded) vocabulary: the padding depends on the TP size.
-VOCAB_ROWS = ("embedding.word.weight", "head.output.weight", "head.output.bias")
+from esolm_dist.weight_layout import from_reference_layout, network_parameters, tensor_parallel_slice
 
 
 @dataclasses.dataclass
@@ -39,7 +36,7 @@ class SourceWeights:
 def read_source_weights(path: str | Path) -> SourceWeights:
     """An export folder (config.json) or a training checkpoint (a step directory, its ``latest``
     pointer, a checkpoints/ folder or a run directory; the live weights)."""
-    from esolm_dist.convert import from_reference_layout, read_checkpoint_weights, resolve_checkpoint
+    from esolm_dist.checkpoint_reader import read_checkpoint_weights, resolve_checkpoint
     from esolm_dist.inference.export_io import CONFIG_FILE, read_export
 
     path = Path(path)
@@ -56,25 +53,10 @@ def read_source_weights(path: str | Path) -> SourceWeights:
                          weights)
 
 
-def local_slice(full: torch.Tensor, param: nn.Parameter, name: str) -> torch.Tensor:
-    """This TP rank's part of ``full``; vocabulary rows are first cut or zero-padded to this
-    layout's padded vocabulary (rows past the tokenizer's are never used)."""
-    dim = tensor_parallel_dim(param)
-    tp_size = ps.get_tensor_model_parallel_world_size() if dim is not None else 1
-    if name in VOCAB_ROWS:
-        rows = param.shape[0] * tp_size
-        if full.shape[0] >= rows:
-            full = full[:rows]
-        else:
-            full = torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
-    if dim is None:
-        return full
-    return full.chunk(tp_size, dim=dim)[ps.get_tensor_model_parallel_rank()]
-
-
 def load_source_weights(module: nn.Module, source: SourceWeights, num_layers: int, tokenizer_vocab: int,
                         mask_id: int) -> None:
-    """Copy ``source`` into the parameters this rank holds of ``module`` (EsoObjective or PipelineModule)."""
+    """Copy ``source`` into the parameters this rank holds of ``module`` (the network, before the engine
+    applies parallelism: each parameter is already this TP rank's shard)."""
     if (source.tokenizer_vocab, source.mask_id) != (tokenizer_vocab, mask_id):
         raise CheckpointError(f"train.init_from: the {source.description} was trained with a tokenizer of "
                               f"{source.tokenizer_vocab} tokens (mask id {source.mask_id}), this run's has "
@@ -87,7 +69,8 @@ def load_source_weights(module: nn.Module, source: SourceWeights, num_layers: in
         if name not in source.weights:
             raise CheckpointError(f"train.init_from: the {source.description} has no tensor {name}; set model.* "
                                   "(num_layers, hidden_size, num_heads, ...) to the source's")
-        local = local_slice(source.weights[name], param, name)
+        local = tensor_parallel_slice(source.weights[name], param, name, ps.get_tensor_model_parallel_rank(),
+                                      ps.get_tensor_model_parallel_world_size())
         if local.shape != param.shape:
             raise CheckpointError(f"train.init_from: tensor {name} of the {source.description} gives shape "
                                   f"{list(local.shape)} here, the model has {list(param.shape)}; set model.* "

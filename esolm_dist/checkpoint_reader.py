@@ -1,0 +1,128 @@
+"""The full weights of a training checkpoint of any layout (TP x PP, ZeRO stage 0-3, live or EMA),
+read offline on one process: the export tool, warm starts and the GPU check read checkpoints here.
+
+The DeepSpeed model files of every tensor-parallel rank are renamed to network names and merged
+along each weight's partition dimension (esolm_dist.weight_layout); ZeRO-3 weights come from the
+optimizer partitions.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from esolm_dist.checkpoint import LATEST, META, CheckpointError, checkpoint_root, read_meta
+from esolm_dist.safe_load import load_file, refusal, weights_only_loads
+from esolm_dist.weight_layout import merge_tensor_parallel, network_name, unpartition_zero3
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a step directory, a ``latest`` pointer file, a checkpoints/ folder or a run directory."""
+    path = Path(path)
+    for pointer in (path, path / LATEST, checkpoint_root(path) / LATEST):
+        if pointer.is_file() and pointer.name == LATEST:
+            path = pointer.parent / pointer.read_text().strip()
+            break
+    if not (path / META).is_file():
+        raise CheckpointError(f"{path} is not a complete esolm-dist checkpoint (no {META}); pass "
+                              "RUN_DIR/checkpoints/latest or a step_* directory")
+    return path
+
+
+def _load(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except CheckpointError:
+        raise  # refused as unsafe: the message says why
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: export an earlier step") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt ({exc.__class__.__name__}); export an earlier "
+                              "step or re-save the checkpoint") from None
+
+
+def _tensors(weights: dict) -> dict[str, torch.Tensor]:
+    """Drop megatron's `_extra_state` entries (None here): they carry no weights."""
+    return {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
+
+
+def _live_weights(directory: Path, tp_rank: int, pp: int, num_layers: int) -> dict[str, torch.Tensor]:
+    if pp == 1:
+        module = _load(directory / f"mp_rank_{tp_rank:02d}_model_states.pt")["module"]
+        return {name: v for k, v in _tensors(module).items() if (name := network_name(k, False, num_layers))}
+    weights = {}
+    for layer in range(num_layers + 2):  # embedding, blocks, head: one file per layer and TP rank
+        state = _load(directory / f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt")
+        weights.update({network_name(f"{layer}.{k}", True, num_layers): v for k, v in _tensors(state).items()})
+    return weights
+
+
+def _zero3_weights(directory: Path, tp_rank: int) -> dict[str, torch.Tensor]:
+    """ZeRO-3 keeps the fp32 weights only in the optimizer partitions: let DeepSpeed's own
+    zero_to_fp32 merge the DP partitions of one TP rank (it reads every file it finds, so it is
+    shown a folder that holds only this TP rank's files)."""
+    import tempfile
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory() as scratch:
+        view = Path(scratch) / directory.name
+        view.mkdir()
+        for file in directory.glob(f"*mp_rank_{tp_rank:02d}_*states.pt"):
+            (view / file.name).symlink_to(file.resolve())
+        try:
+            with weights_only_loads():
+                weights = get_fp32_state_dict_from_zero_checkpoint(scratch, tag=directory.name)
+        except pickle.UnpicklingError as exc:
+            raise refusal(directory, exc) from None
+        except (ValueError, FileNotFoundError, RuntimeError, EOFError) as exc:
+            raise CheckpointError(f"{directory}: ZeRO-3 partitions of TP rank {tp_rank} are missing or truncated "
+                                  f"({str(exc).splitlines()[0][:160]}); export an earlier step") from None
+    return {name: v for k, v in weights.items() if (name := network_name(k, False, 0))}
+
+
+def _ema_weights(directory: Path, tp_rank: int, layout: dict, num_layers: int,
+                 zero3_shapes: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
+    """EMA shadows of DP replica 0 (megatron rank order: TP fastest, then DP, then PP); under ZeRO-3
+    each DP rank holds one partition of every shadow."""
+    if zero3_shapes is not None:
+        states = [_load(directory / f"rank_{tp_rank + layout['tensor'] * dp:05d}.pt").get("ema")
+                  for dp in range(layout["data"])]
+        if states[0] is None:
+            raise CheckpointError(f"{directory} has no EMA weights (optim.ema was 0); export without --ema")
+        names = {key: network_name(key, False, num_layers) for key in states[0]["shadow"]}
+        return {name: unpartition_zero3([s["shadow"][key] for s in states], zero3_shapes[name])
+                for key, name in names.items()}
+    weights = {}
+    for stage in range(layout["pipeline"]):
+        rank = tp_rank + layout["tensor"] * layout["data"] * stage
+        state = _load(directory / f"rank_{rank:05d}.pt").get("ema")
+        if state is None:
+            raise CheckpointError(f"{directory} has no EMA weights (optim.ema was 0); export without --ema")
+        for key, tensor in state["shadow"].items():
+            weights[network_name(key, layout["pipeline"] > 1, num_layers)] = tensor
+    return weights
+
+
+def read_checkpoint_weights(directory: Path, use_ema: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, the network's full fp32 weights in the EsoTransformer naming) for any TP x PP layout and ZeRO stage."""
+    meta = read_meta(directory)
+    layout, zero_stage = meta["layout"], meta["config"]["parallel"]["zero_stage"]
+    num_layers = meta["config"]["model"]["num_layers"]
+    shards = []
+    for tp_rank in tqdm(range(layout["tensor"]), desc="reading tensor-parallel ranks", disable=layout["tensor"] < 2):
+        if zero_stage == 3:
+            live = _zero3_weights(directory, tp_rank)
+            shapes = {name: tensor.shape for name, tensor in live.items()}
+            shards.append(_ema_weights(directory, tp_rank, layout, num_layers, shapes) if use_ema else live)
+        else:
+            shards.append(_ema_weights(directory, tp_rank, layout, num_layers) if use_ema
+                          else _live_weights(directory, tp_rank, layout["pipeline"], num_layers))
+    try:
+        return meta, merge_tensor_parallel(shards)
+    except KeyError as missing:
+        raise CheckpointError(f"{directory}: tensor {missing.args[0]} is missing from some tensor-parallel rank "
+                              "files; the checkpoint is incomplete: export an earlier step") from None
