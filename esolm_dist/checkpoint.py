@@ -21,6 +21,7 @@ import pickle
 import random
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -118,17 +119,42 @@ def _step_dirs(root: Path) -> dict[int, Path]:
     return {int(m.group(1)): p for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()}
 
 
+PRUNED = ".pruned"  # suffix of step folders being deleted in the background
+_pruning: threading.Thread | None = None
+
+
 def _prune(root: Path, keep_last: int, run_uid: str | None, saved_step: int) -> None:
     """Keep the newest ``keep_last`` steps up to ``saved_step`` of this run; steps of other runs,
-    later steps and the one just saved are never removed."""
+    later steps and the one just saved are never removed.
+
+    The old folders are renamed out of the way here (instant; a folder ending in ``.pruned`` is never
+    read as a checkpoint) and deleted by a background thread, so no rank waits at the save barrier
+    while rank 0 deletes gigabytes."""
+    global _pruning
+    wait_for_pruning()
     ours = []
     for step, path in sorted(_step_dirs(root).items()):
         if step <= saved_step and run_uid is not None and _run_uid_of(path) == run_uid:
             ours.append(path)
-    for old in ours[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob("step_*.partial"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for old in [*ours[:-keep_last], *root.glob("step_*.partial")]:
+        os.replace(old, old.with_name(old.name + PRUNED))
+    doomed = sorted(root.glob(f"*{PRUNED}"))  # also what an earlier, interrupted deletion left
+    if doomed:
+        _pruning = threading.Thread(target=_delete, args=(doomed,), name="esolm-prune", daemon=True)
+        _pruning.start()
+
+
+def _delete(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def wait_for_pruning() -> None:
+    """Block until the background deletion of pruned checkpoints (if any) has finished."""
+    global _pruning
+    if _pruning is not None:
+        _pruning.join()
+        _pruning = None
 
 
 def _run_uid_of(directory: Path) -> str | None:

@@ -9,13 +9,19 @@ import torch.distributed as dist
 
 
 class StopRequest:
-    """Records a SIGTERM/SIGUSR1; ``agreed()`` makes all ranks see it at the same step."""
+    """Records a SIGTERM/SIGUSR1; ``agreed()`` makes all ranks see it at the same step.
+
+    The flag travels over a gloo group on the host: asking every step costs a tiny CPU all-reduce
+    and never waits for the GPU (an NCCL flag read back with ``.item()`` would sync the device each
+    step). Construct it on every rank at the same point (it may create that group)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self):
         self.received: int | None = None
+        self.group = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -23,8 +29,8 @@ class StopRequest:
         self.received = signum
 
     def agreed(self) -> bool:
-        """True on every rank as soon as any rank was signalled (one tiny all-reduce)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        """True on every rank as soon as any rank was signalled."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        if self.group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())

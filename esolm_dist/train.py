@@ -111,7 +111,7 @@ class Trainer:
         check_launch(cfg)
         self.cfg = cfg
         self.topo = init_parallel(cfg.parallel)
-        self.stop_request = StopRequest(self.topo.device)  # early: a signal during start-up stops at the first step
+        self.stop_request = StopRequest()  # early: a signal during start-up stops at the first step
         self.say("esolm-train: resolved config\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
         checkpoint.ensure_writable(cfg.train.run_dir)
         self.run_lock = RunLock(cfg.train.run_dir)

@@ -145,9 +145,28 @@ def test_pruning_keeps_other_runs_and_later_steps(tmp_path):
         (folder / checkpoint.META).write_text(json.dumps({"step": step, "run_uid": uid}))
     (root / "step_00000006.partial").mkdir()
     checkpoint._prune(root, keep_last=2, run_uid="me", saved_step=3)
+    checkpoint.wait_for_pruning()
     # of "me" up to step 3 the newest two stay; step 5 (later), 400 (other run), 4 (no uid) stay
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003", "step_00000004",
                                                       "step_00000005", "step_00000400"]
+
+
+def test_pruning_returns_before_the_old_checkpoints_are_deleted(tmp_path, monkeypatch):
+    """Bug caught: rank 0 deleting old checkpoints inside save(), stalling every rank at the barrier."""
+    import threading
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        (root / checkpoint.tag_for(step)).mkdir(parents=True)
+        (root / checkpoint.tag_for(step) / checkpoint.META).write_text(json.dumps({"step": step, "run_uid": "me"}))
+    release, rmtree = threading.Event(), shutil.rmtree
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda path, **kw: (release.wait(10), rmtree(path, **kw)))
+    checkpoint._prune(root, keep_last=1, run_uid="me", saved_step=2)  # returns while the deletion is held
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001.pruned", "step_00000002"]
+    assert checkpoint._step_dirs(root).keys() == {2}  # a folder being deleted is never read as a checkpoint
+    release.set()
+    checkpoint.wait_for_pruning()
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
 
 
 # ---- no code runs from a checkpoint -------------------------------------------------------------

@@ -209,7 +209,7 @@ def test_stop_callback_sets_stopping_once_signalled(single_process):
     from esolm_dist.callbacks import StopOnSignal
     from esolm_dist.signals import StopRequest
 
-    request = StopRequest(torch.device("cpu"))
+    request = StopRequest()
     trainer = fake_trainer(step=1)
     callback = StopOnSignal(request)
     callback.on_step_end(trainer, None)
@@ -250,3 +250,28 @@ def test_the_loop_calls_the_hooks_in_order_and_reads_metrics_only_at_log_and_sav
                                ("end", 3, True), ("boundary", 3), ("end", 4, True), ("boundary", 4),
                                ("finish", 4, True)]
     trainer.engine.destroy()
+
+
+def test_meter_windows_count_their_own_steps_and_training_seconds(monkeypatch):
+    """An off-schedule evaluation or save inside a window is excluded from its seconds, and the
+    window's step count starts again with its timer (else tokens/s and MFU are inflated)."""
+    from esolm_dist import meter as meter_module
+
+    now = [0.0]
+    monkeypatch.setattr(meter_module.time, "perf_counter", lambda: now[0])
+    meter = meter_module.StepMeter(first_step=0, max_steps=10)
+    now[0] = 1.0
+    meter.count_step()
+    now[0] = 2.0
+    meter.count_step()
+    meter.pause()  # an evaluation or save between steps: 10 s
+    now[0] = 12.0
+    meter.resume()
+    now[0] = 13.0
+    meter.count_step()
+    assert meter.take_window() == (3, 3.0)
+    now[0] = 14.0
+    meter.count_step()
+    assert meter.take_window() == (1, 1.0)
+    assert (meter.total_steps, meter.total_seconds) == (4, 4.0)
+    assert meter.elapsed() == 14.0  # wall clock, the evaluation included

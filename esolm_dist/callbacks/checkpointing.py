@@ -11,6 +11,11 @@ from esolm_dist.config import to_dict
 
 
 class Checkpointing(Callback):
+    def on_train_end(self, trainer, finished: bool) -> None:
+        checkpoint.wait_for_pruning()  # old checkpoints are deleted in the background: finish before exiting
+
+    def on_failure(self, trainer) -> None:
+        checkpoint.wait_for_pruning()
     def on_step_boundary(self, trainer) -> None:
         if trainer.due(trainer.cfg.train.save_every) or trainer.stopping:
             self.save(trainer)
