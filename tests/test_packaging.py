@@ -1,5 +1,6 @@
 """The kernels/ folder is the package esolm_dist.kernels: in a built wheel, in a source checkout on
-PYTHONPATH, and nowhere as a top-level ``kernels`` (an unrelated PyPI package has that name)."""
+PYTHONPATH, and nowhere as a top-level ``kernels`` (an unrelated PyPI package has that name); the
+inference side imports with plain torch."""
 
 import subprocess
 import sys
@@ -59,3 +60,14 @@ def test_wheel_holds_every_module_under_esolm_dist_and_imports_its_own_kernels(c
 def test_source_checkout_on_the_path_imports_its_own_kernels(checkout, tmp_path):
     """Bug caught: a checkout on PYTHONPATH running the kernels of the installed esolm-dist (or none)."""
     assert _kernels_file(checkout, tmp_path) == checkout / "kernels" / "attention.py"
+
+
+def test_inference_and_kernels_import_with_plain_torch(tmp_path):
+    """The export loads without megatron-core or DeepSpeed (README), though it shares the training
+    model's rotary and the kernels. Bug caught: a shared module importing megatron-core."""
+    code = ("import sys, esolm_dist.inference.model, esolm_dist.inference.cli, esolm_dist.eso.sampling, "
+            "esolm_dist.kernels.attention, esolm_dist.kernels.fused\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'megatron', 'deepspeed'}))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
