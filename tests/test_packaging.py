@@ -36,8 +36,8 @@ def test_wheel_holds_every_module_under_esolm_dist_and_imports_its_own_kernels(c
     """Bugs caught: kernels/ missing from the wheel or shipped as a top-level package (package-dir
     not set), a new subpackage left out of pyproject.toml's explicit package list."""
     out = tmp_path / "wheel"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(out), str(checkout)], capture_output=True, text=True, timeout=300)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir",
+                            "-q", "-w", str(out), str(checkout)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     (wheel,) = out.glob("esolm_dist-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -62,7 +62,7 @@ def test_source_checkout_on_the_path_imports_its_own_kernels(checkout, tmp_path)
     assert _kernels_file(checkout, tmp_path) == checkout / "kernels" / "attention.py"
 
 
-def test_inference_and_kernels_import_with_plain_torch(tmp_path):
+def test_inference_and_kernels_import_with_plain_torch():
     """The export loads without megatron-core or DeepSpeed (README), though it shares the training
     model's rotary and the kernels. Bug caught: a shared module importing megatron-core."""
     code = ("import sys, esolm_dist.inference.model, esolm_dist.inference.cli, esolm_dist.eso.sampling, "
