@@ -17,11 +17,10 @@ import statistics
 import time
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask
 
 from benchmarks.sampling_speed import machine_name
 from esolm_dist.eso.rows import build_rows
-from esolm_dist.kernels.flex_masks import flex_block_mask
+from esolm_dist.kernels.flex_masks import flex_block_mask, reference_block_mask
 
 # (name, L, micro-batch): configs/quickstart.yaml and configs/small.yaml, kappa 0.5, alpha0 0.25
 SHAPES = (("quickstart", 128, 8), ("small", 1024, 16))
@@ -29,8 +28,7 @@ MASK_ID = 0
 
 
 def old_builder(masks, device):
-    rows = masks.kinds.shape[0]
-    return create_block_mask(masks.mask_mod(), rows, None, masks.row_len, masks.row_len, device=device)
+    return reference_block_mask(masks)
 
 
 def new_builder(masks, device):

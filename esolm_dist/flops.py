@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from esolm_dist.config import ModelConfig, ParallelConfig, RunConfig
-from esolm_dist.eso.masks import SEQUENTIAL, RowMaskSpec
+from esolm_dist.eso.masks import SEQUENTIAL, RowMaskSpec, diffusion_allowed
 from esolm_dist.eso.rows import build_rows, noise_generator
 from esolm_dist.kernels.attention import choose_backend
 
@@ -115,7 +115,8 @@ def executed_pairs(masks: RowMaskSpec, backend: str, tile: int = TILE) -> torch.
     if backend == "flash":
         if not masks.segments_if_causal():
             raise ValueError("flash-attn runs only Eso-LM (B) diffusion rows (two causal segments)")
-        causal = torch.ones(masks.seq_len, masks.seq_len, dtype=torch.bool).tril()
+        index = torch.arange(masks.seq_len)
+        causal = diffusion_allowed(index[:, None], index, 0, "B")
         return torch.full((rows,), 2 * touched_tile_pairs(causal, tile), dtype=torch.int64)
     if backend != "flex":
         raise ValueError(f"unknown attention backend {backend!r}")

@@ -7,6 +7,11 @@ Each query attends to one contiguous range of keys (plus itself, for z0 queries)
 description (``row_key_ranges``) gives the predicate ``allowed(q, k)`` (True = query q may
 attend to key k) shared by the dense reference (boolean tensor for SDPA) and FlexAttention's
 ``mask_mod``, and FlexAttention's block sparsity without a dense mask (esolm_dist.kernels.flex_masks).
+
+The samplers' masks are the diffusion mask of one sequence (``diffusion_allowed``): decoded tokens
+are its clean tokens, a step's masks follow in the decoding order. Eso-LM (B) and every cached
+step is that mask with variant "B" (causal in the decoding order; queries after C cached rows
+are the indices C, C + 1, ...); Eso-LM (A)'s recomputed steps use variant "A".
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ def diffusion_key_end(q, n_clean, variant: str):
     if variant == "A":
         return torch.maximum(end, n_clean)
     return end
+
+
+def diffusion_allowed(q, k, n_clean, variant: str):
+    """Whether query q may attend to key k (indices >= 0 in sorted order, clean tokens first) in
+    the diffusion mask of one sequence: the predicate of ``diffusion_key_end``. (B) ignores n_clean."""
+    return k < diffusion_key_end(q, n_clean, variant)
 
 
 def sequential_key_end(q, seq_len: int, n_clean, variant: str):

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from esolm_dist.eso import METHODS
+from esolm_dist.eso.masks import diffusion_allowed
 
 
 class Denoiser(Protocol):
@@ -259,12 +260,11 @@ def sample_mdlm(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9,
 
 
 def _clean_bidirectional_mask(num_clean: int, total: int, device: torch.device) -> torch.Tensor:
-    """Eso-LM (A) mask [1, total, total] (True = attend): the first num_clean rows (clean tokens)
-    see each other in both directions; the following masks see all clean tokens and attend
-    causally among themselves."""
-    mask = torch.ones(total, total, dtype=torch.bool, device=device).tril()
-    mask[:num_clean, :num_clean] = True
-    return mask[None]
+    """Eso-LM (A) mask [1, total, total] (True = attend), the training diffusion mask of (A): the
+    first num_clean rows (clean tokens) see each other in both directions; the following masks
+    see all clean tokens and attend causally among themselves."""
+    rows = torch.arange(total, device=device)
+    return diffusion_allowed(rows[:, None], rows, torch.tensor(num_clean, device=device), "A")[None]
 
 
 def _recompute_step_a(model: Denoiser, run: _Decoding, order: torch.Tensor, start: int,

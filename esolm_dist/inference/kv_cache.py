@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from esolm_dist.eso.masks import diffusion_allowed
 from esolm_dist.inference.cuda_graphs import StepGraphs
 
 
@@ -113,8 +114,8 @@ class StaticKVCache(_CacheRows):
     def attention_mask(self, attn_mask: torch.Tensor | None, chunk_len: int) -> torch.Tensor:
         """The attention's mask over all rows: [1, 1, S, capacity] from ``position`` (every committed
         row, the chunk causally), or the caller's [B or 1, S, length + S] padded with False."""
-        if attn_mask is None:
-            in_use = self._rows <= self.position + self._rows[:chunk_len, None]
+        if attn_mask is None:  # the Eso-LM (B) diffusion mask of queries position, position + 1, ...
+            in_use = diffusion_allowed(self.position + self._rows[:chunk_len, None], self._rows, 0, "B")
             return in_use[None, None]
         given = checked_mask(attn_mask, chunk_len, self.length)
         mask = torch.zeros(*given.shape[:-1], self.capacity, dtype=torch.bool, device=self.keys.device)

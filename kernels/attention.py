@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from esolm_dist.eso.masks import RowMaskSpec
+from esolm_dist.eso.masks import RowMaskSpec, diffusion_allowed
 
 BACKENDS = ("sdpa", "flex", "flash")
 
@@ -133,7 +133,9 @@ def attend_after_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
 def cached_chunk_mask(chunk: int, total: int, device: torch.device) -> torch.Tensor | None:
     """Boolean [chunk, total]: each of a chunk's queries sees the total - chunk cached rows and the
-    chunk causally. None when nothing is cached (plain causal: SDPA's is_causal)."""
+    chunk causally (the Eso-LM (B) diffusion mask of queries total - chunk, ...). None when nothing
+    is cached (plain causal: SDPA's is_causal)."""
     if chunk == total:
         return None
-    return torch.ones(chunk, total, dtype=torch.bool, device=device).tril(total - chunk)
+    keys = torch.arange(total, device=device)
+    return diffusion_allowed(keys[total - chunk:, None], keys, 0, "B")

@@ -18,7 +18,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from esolm_dist.eso.masks import RowMaskSpec
 
@@ -58,6 +58,12 @@ def build_block_mask(masks: RowMaskSpec, block_size: int = BLOCK_SIZE) -> BlockM
     partial = (per_tile > 0) & ~full
     return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=block_size,
                                     mask_mod=masks.mask_mod(), seq_lengths=(length, length))
+
+
+def reference_block_mask(masks: RowMaskSpec) -> BlockMask:
+    """The reference: torch's ``create_block_mask``, the ``mask_mod`` evaluated on every pair."""
+    return create_block_mask(masks.mask_mod(), masks.kinds.shape[0], None, masks.row_len, masks.row_len,
+                             device=masks.kinds.device)
 
 
 def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
