@@ -77,22 +77,25 @@ class ClipBeforeStep:
     """ZeRO-0: clip by the global norm right before the optimizer step and remember the norm.
 
     DeepSpeed's ZeRO-0 path neither reports the norm nor clips pipeline-parallel models over
-    all stages; at this point the gradients are already averaged over the DP group.
+    all stages; at this point the gradients are already averaged over the DP group. The norm
+    stays on the device (reading it is a host sync, left to the log steps).
     """
 
     def __init__(self, module: torch.nn.Module, max_norm: float):
         self.module = module
         self.max_norm = max_norm
-        self.last_norm = float("nan")
+        self.norm: torch.Tensor | None = None
 
     def __call__(self, optimizer, args, kwargs) -> None:
-        norm = global_grad_norm(self.module)
-        self.last_norm = float(norm)
+        self.norm = global_grad_norm(self.module)
         if self.max_norm > 0:
-            scale = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+            scale = torch.clamp(self.max_norm / (self.norm + 1e-6), max=1.0)
             for param in self.module.parameters():
                 if param.grad is not None:
                     param.grad.mul_(scale)
+
+    def last_norm(self) -> float:
+        return float(self.norm) if self.norm is not None else float("nan")
 
 
 def deepspeed_config(cfg: RunConfig, dp_size: int, device: torch.device) -> dict:
@@ -194,5 +197,5 @@ def build_engine(objective: EsoObjective, cfg: RunConfig, topo: Topology) -> Tra
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, topo.dp_size, device),
                                            mpu=None if pipelined else MegatronMPU(), dist_init_required=False)
-    grad_norm = (lambda: clip.last_norm) if clip else (lambda: float(engine.get_global_grad_norm()))
+    grad_norm = clip.last_norm if clip else (lambda: float(engine.get_global_grad_norm()))
     return (PipelineEngine if pipelined else PlainEngine)(engine, grad_norm)
