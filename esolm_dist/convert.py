@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from esolm_dist.checkpoint import LATEST, META, CheckpointError, checkpoint_root, read_meta
-from esolm_dist.inference.export_io import ExportConfig, ExportError, write_export
+from esolm_dist.inference.export_io import ExportConfig, ExportError, training_run_card_line, write_export
 from esolm_dist.parallel.pipeline import network_name
 from esolm_dist.safe_load import load_file, refusal, weights_only_loads
 
@@ -244,7 +244,9 @@ def model_card(meta: dict, directory: Path, use_ema: bool) -> str:
             f"{cfg['eso']['alpha0']}, {cfg['model']['num_layers']} layers x {cfg['model']['hidden_size']} hidden, "
             f"L = {cfg['model']['seq_len']}. Last validation NELBO/token: "
             f"{'not recorded' if val_nelbo is None else f'{val_nelbo:.4f}'}.\n\n"
-            "Sample: `esolm-sample --model THIS_FOLDER --num-samples 4 --length 128`.\n\n## Training config\n\n```json\n"
+            + (f"{training_run_card_line(meta['mlflow_run_id'], cfg['logging']['mlflow_uri'])}\n\n"
+               if meta.get("mlflow_run_id") else "")
+            + "Sample: `esolm-sample --model THIS_FOLDER --num-samples 4 --length 128`.\n\n## Training config\n\n```json\n"
             + json.dumps(cfg, indent=2) + "\n```\n")
 
 
