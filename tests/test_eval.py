@@ -186,3 +186,17 @@ def test_two_processes_give_the_result_of_one(export_dir, evaluator_dir, tmp_pat
         assert a.keys() == b.keys() and a["method"] == b["method"]
         for key in ("steps", "alpha0", "nfe", "gen_ppl", "entropy", "num_samples", "num_batches", "scored_tokens"):
             assert a[key] == pytest.approx(b[key], rel=1e-9), key
+
+
+def test_the_model_card_of_an_export_names_its_training_run(tmp_path):
+    """Catches convert.py's card losing the checkpoint's MLflow run (esolm-eval could not link to it)."""
+    from esolm_dist.config import RunConfig, to_dict
+    from esolm_dist.convert import model_card
+    from esolm_dist.inference.export_io import read_training_run
+
+    config = to_dict(RunConfig())
+    meta = {"config": config, "step": 4, "layout": "tp1", "mlflow_run_id": TRAINING_RUN[0]}
+    (tmp_path / "README.md").write_text(model_card(meta, tmp_path, use_ema=True))
+    assert read_training_run(tmp_path) == (TRAINING_RUN[0], config["logging"]["mlflow_uri"])
+    (tmp_path / "README.md").write_text(model_card({**meta, "mlflow_run_id": None}, tmp_path, use_ema=True))
+    assert read_training_run(tmp_path) is None
