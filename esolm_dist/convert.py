@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from esolm_dist.checkpoint_reader import read_checkpoint_weights, resolve_checkpoint
-from esolm_dist.inference.export_io import ExportError, export_config, write_export
+from esolm_dist.inference.export_io import ExportError, export_config, training_run_card_line, write_export
 from esolm_dist.weight_layout import to_reference_layout
 
 VERIFY_TOLERANCE = 1e-5  # max |logit difference| between the export and the training network (fp32 logits)
@@ -29,7 +29,9 @@ def model_card(meta: dict, directory: Path, use_ema: bool) -> str:
             f"{cfg['eso']['alpha0']}, {cfg['model']['num_layers']} layers x {cfg['model']['hidden_size']} hidden, "
             f"L = {cfg['model']['seq_len']}. Last validation NELBO/token: "
             f"{'not recorded' if val_nelbo is None else f'{val_nelbo:.4f}'}.\n\n"
-            "Sample: `esolm-sample --model THIS_FOLDER --num-samples 4 --length 128`.\n\n## Training config\n\n```json\n"
+            + (f"{training_run_card_line(meta['mlflow_run_id'], cfg['logging']['mlflow_uri'])}\n\n"
+               if meta.get("mlflow_run_id") else "")
+            + "Sample: `esolm-sample --model THIS_FOLDER --num-samples 4 --length 128`.\n\n## Training config\n\n```json\n"
             + json.dumps(cfg, indent=2) + "\n```\n")
 
 

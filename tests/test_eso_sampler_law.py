@@ -123,3 +123,15 @@ def test_nucleus_is_the_smallest_top_set_reaching_top_p(top_p, size):
         assert set(tokens[:, row].unique().tolist()) == set(ids[:size])
         # each frequency: sd <= sqrt(0.25 / 4000) = 0.0079 -> 5 sigma = 0.04
         assert (counts.float() - expected).abs().max().item() < 0.04, (row, counts, expected)
+
+
+def test_gumbel_noise_is_drawn_in_float64():
+    """Catches float32 Gumbel noise (the paper's code draws float64: float32 uniforms cap the Gumbel
+    tails, which shifts generative perplexity). With equal logits, Gumbel-max picks the largest uniform
+    (-log(-log u) increases with u), so the draws must be the argmax of the generator's float64 stream."""
+    shape = (64, 50)
+    tokens = sampling.nucleus_gumbel_sample(torch.zeros(shape), 1.0, torch.Generator().manual_seed(5))
+    uniforms = torch.rand(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert torch.equal(tokens, uniforms.argmax(dim=-1))
+    float32_uniforms = torch.rand(shape, generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(tokens, float32_uniforms.argmax(dim=-1))  # the test can tell the two apart

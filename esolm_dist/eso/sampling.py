@@ -142,7 +142,9 @@ def nucleus_gumbel_sample(logits: torch.Tensor, top_p: float, generator: torch.G
     """Token ids [...] from logits [..., V]: Gumbel-max over the top-p nucleus (paper Alg. 3).
 
     The nucleus is the smallest set of most likely ids whose mass reaches top_p (top_p = 1: all).
-    The Gumbel noise always has the logits' shape, so every sampler draws the same noise.
+    The Gumbel noise always has the logits' shape, so every sampler draws the same noise. It is
+    float64, as in the paper's code: float32 uniforms (spacing 2^-24 near 1) cut off the Gumbel
+    tail at about 16.6, which measurably shifts generative perplexity.
     """
     logits = logits.float()
     if top_p < 1.0:
@@ -151,7 +153,7 @@ def nucleus_gumbel_sample(logits: torch.Tensor, top_p: float, generator: torch.G
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         outside = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, sorted_ids, mass_before >= top_p)
         logits = logits.masked_fill(outside, float("-inf"))
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
     gumbel = uniform.clamp_(min=torch.finfo(uniform.dtype).tiny).log_().neg_().log_().neg_()  # -log(-log u)
     return gumbel.add_(logits).argmax(dim=-1)
 

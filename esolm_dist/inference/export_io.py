@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -29,6 +30,10 @@ MASK_TOKEN = "[MASK]"
 EOS_TOKEN = "<|endoftext|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _REGENERATE = "re-run esolm-convert to rebuild the export"
+
+
+# The model card's line naming the MLflow run that trained the model (esolm-eval links its run to it)
+_TRAINING_RUN_LINE = re.compile(r"^MLflow training run: `(?P<run_id>[0-9a-f]+)` in `(?P<uri>[^`]+)`\.$", re.MULTILINE)
 
 
 class ExportError(ValueError):
@@ -282,3 +287,15 @@ def export_config(meta: dict, weights: dict[str, torch.Tensor], tokenizer, dtype
         "eos_token_id": tokenizer.eos_id, "max_seq_len": m["seq_len"], "variant": e["variant"],
         "alpha0": float(e["alpha0"]), "dtype": dtype,
     }, "the checkpoint's config")
+
+
+def training_run_card_line(run_id: str, tracking_uri: str) -> str:
+    """The model card's line naming the training run (read back by read_training_run)."""
+    return f"MLflow training run: `{run_id}` in `{tracking_uri}`."
+
+
+def read_training_run(export_dir: str | os.PathLike) -> tuple[str, str] | None:
+    """(run id, tracking URI) of the MLflow run that trained the export, from its model card; None
+    for exports written without one (imports, exports from before this line existed)."""
+    match = _TRAINING_RUN_LINE.search((Path(export_dir) / CARD_FILE).read_text())
+    return (match["run_id"], match["uri"]) if match else None
