@@ -76,6 +76,7 @@ def make_loader(cfg: RunConfig, topo: Topology, tokenizer, split: str):
 
     return build_loader(cfg.data.shard_dir, split=split, seq_len=cfg.model.seq_len,
                         micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp_size,
+                        global_batch_size=cfg.train.global_batch_size if split == "train" else None,
                         num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                         tokenizer_fingerprint=tokenizer.fingerprint, skip_corrupt=cfg.data.skip_corrupt,
                         infinite=(split == "train"))

@@ -1,5 +1,6 @@
-"""The shard reader: exactly-once splitting by DP rank and worker, identical batches within a
-replica, seeded per-epoch shuffling, exact resume in a new process, and bad-input errors.
+"""The shard reader: exactly-once splitting by DP rank, identical batches within a replica,
+seeded order, exact resume in a new process, and bad-input errors (the layout-independent
+global order itself: tests/test_data_order.py).
 
 Shards here hold synthetic sequences whose first two tokens encode a unique id, written by
 the real shard writer, so every delivered sequence can be traced."""
@@ -66,29 +67,16 @@ def seven_shards(tmp_path_factory):
 
 
 @pytest.mark.parametrize("per_shard", [10, 9])
-def test_one_pass_reads_every_sequence_exactly_once(tmp_path, per_shard):
+def test_one_pass_reads_every_sequence_at_most_once_in_equal_full_batches(tmp_path, per_shard):
     shard_dir = write_numbered_shards(tmp_path, 7, per_shard)
     ranks = [loader(shard_dir, dp_rank=r, dp_size=2, infinite=False) for r in (0, 1)]
     delivered = [[ids_of(b) for b in rank] for rank in ranks]
     flat = [i for rank in delivered for batch in rank for i in batch]
     assert len(flat) == len(set(flat))
-    assert len(delivered[0]) == len(delivered[1]) == ranks[0].plan.batches_per_rank
-    assert sum(map(len, delivered[0])) == sum(map(len, delivered[1]))
-    dropped = ranks[0].plan.dropped_to_equalise_ranks
-    assert dropped == 7 * per_shard % 2 and len(flat) == 7 * per_shard - dropped
-
-
-def test_training_epochs_are_exact_and_reshuffled(seven_shards):
-    ranks = [loader(seven_shards, dp_rank=r, dp_size=2) for r in (0, 1)]
-    per_epoch = ranks[0].plan.batches_per_rank  # 35 sequences per rank -> 8 full batches
-    streams = [iter(rank) for rank in ranks]
-    epochs = [[[ids_of(b) for b in take(s, per_epoch)] for s in streams] for _ in range(2)]
-    for epoch in epochs:
-        flat = [i for rank in epoch for batch in rank for i in batch]
-        assert len(flat) == len(set(flat)) == 70 - ranks[0].plan.dropped_partial_batches == 64
-        assert all(len(batch) == 4 for rank in epoch for batch in rank)
-    assert epochs[0] != epochs[1]
-    assert set().union(*map(set, sum(epochs[0], []))) != set().union(*map(set, sum(epochs[1], [])))
+    full = 7 * per_shard // 8  # batches of 2 ranks x 4: the rest of the pass is dropped
+    assert [len(rank) for rank in delivered] == [full, full] == [len(rank) for rank in ranks]
+    assert all(len(batch) == 4 for rank in delivered for batch in rank)
+    assert len(flat) == 8 * full and set(flat) <= set(range(7 * per_shard))
 
 
 def test_seed_decides_the_order(seven_shards):
@@ -103,8 +91,8 @@ def test_validation_pass_is_the_same_on_every_call(seven_shards):
     val = loader(seven_shards, split="val", num_workers=1, micro_batch_size=3, infinite=False)
     first, second = [ids_of(b) for b in val], [ids_of(b) for b in val]
     ids = sum(first, [])
-    assert first == second and len(ids) == len(set(ids)) == 35 and set(ids) <= set(range(40))
-    assert len(first[-1]) == 2  # 40 val sequences -> 7 shards x 5 = 35 = 11 x 3 + 2
+    assert first == second and len(ids) == len(set(ids)) == 33 and set(ids) <= set(range(40))
+    assert [len(batch) for batch in first] == [3] * 11  # 7 shards x 5 = 35 = 11 x 3 + 2 dropped
 
 
 def _replica_batches(global_rank: int, shard_dir: str, out: str) -> None:
@@ -168,8 +156,10 @@ def test_reiterating_continues_and_other_settings_are_refused(seven_shards):
     restored = loader(seven_shards)
     restored.load_state_dict(json.loads(json.dumps(state)))
     assert [ids_of(b) for b in take(iter(restored), 4)] == reference[5:]
-    with pytest.raises(DataError, match=r"num_workers=2 \(now 1\)"):
-        loader(seven_shards, num_workers=1).load_state_dict(state)
+    with pytest.raises(DataError, match=r"seed=0 \(now 1\)"):
+        loader(seven_shards, seed=1).load_state_dict(state)
+    with pytest.raises(DataError, match=r"split='train' \(now 'val'\)"):
+        loader(seven_shards, split="val").load_state_dict(state)
 
 
 # ---- bad input -------------------------------------------------------------------------
@@ -260,14 +250,21 @@ def test_changed_token_is_caught_by_the_checksum(tmp_path, num_workers):
     assert hashlib.sha256(bad.read_bytes()).hexdigest()[:16] in str(error.value)
 
 
+def replaced_pass(shard_dir: Path, bad: int) -> list[int]:
+    """Ids of one unshuffled pass over 4 shards when shard `bad` is corrupt: its rows are
+    replaced by the same rows of the next shard (read with plain tarfile)."""
+    shards = [shard_rows(shard_dir / f"train-{k:06d}.tar") for k in range(4)]
+    shards[bad] = shards[(bad + 1) % 4]
+    return [i for rows in shards for i in rows]
+
+
 def test_changed_token_is_a_counted_skip_under_skip_corrupt(tmp_path):
     shard_dir = write_numbered_shards(tmp_path, 4, 10)
-    bad = shard_dir / "train-000003.tar"
-    lost = shard_ids(bad)
-    flip_low_bit_of_a_token(bad, 0)
+    expected = replaced_pass(shard_dir, 3)
+    flip_low_bit_of_a_token(shard_dir / "train-000003.tar", 0)
     skipping = loader(shard_dir, infinite=False, num_workers=0, skip_corrupt=True)
     delivered = [i for batch in skipping for i in ids_of(batch)]
-    assert sorted(delivered) == sorted(set(range(40)) - lost) and skipping.skipped_shards == 1
+    assert delivered == expected and skipping.skipped_shards == 1
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
@@ -275,6 +272,7 @@ def test_missing_or_resized_shard_is_found_at_start_up(tmp_path, damage, caplog)
     shard_dir = write_numbered_shards(tmp_path, 4, 10)
     bad = shard_dir / "train-000002.tar"
     size = bad.stat().st_size
+    expected = replaced_pass(shard_dir, 2)
     if damage == "delete":
         bad.unlink()
         message = "shard listed in the manifest is missing"
@@ -288,7 +286,7 @@ def test_missing_or_resized_shard_is_found_at_start_up(tmp_path, damage, caplog)
     with caplog.at_level(logging.WARNING, logger="esolm_dist.data.loader"):
         skipping = loader(shard_dir, infinite=False, num_workers=0, skip_corrupt=True)
     assert "1 of 4 train shards missing or of the wrong size" in caplog.text
-    assert len([i for batch in skipping for i in ids_of(batch)]) == 30
+    assert [i for batch in skipping for i in ids_of(batch)] == expected
 
 
 def test_old_manifest_without_checksums_is_refused(tmp_path):
@@ -303,25 +301,25 @@ def test_old_manifest_without_checksums_is_refused(tmp_path):
         loader(shard_dir)
 
 
-def shard_ids(path: Path) -> set[int]:
-    """Ids of the sequences in one shard, read with plain tarfile."""
+def shard_rows(path: Path) -> list[int]:
+    """Ids of the sequences in one shard in stored order, read with plain tarfile."""
     with tarfile.open(path) as tar:
         rows = np.concatenate([np.frombuffer(tar.extractfile(m).read(), "<u2")
                                for m in tar.getmembers()]).reshape(-1, SEQ_LEN)
-    return set(ids_of(rows.astype(np.int64)))
+    return ids_of(rows.astype(np.int64))
 
 
 def test_skip_corrupt_skips_the_shard_with_a_counted_warning(tmp_path, caplog):
     shard_dir = write_numbered_shards(tmp_path, 4, 10)
     bad = shard_dir / "train-000001.tar"
-    lost = shard_ids(bad)
+    expected = replaced_pass(shard_dir, 1)
     corrupt_header(bad, 1)
     for num_workers in (0, 2):
-        skipping = loader(shard_dir, infinite=False, num_workers=num_workers, skip_corrupt=True)
+        skipping = loader(shard_dir, infinite=False, num_workers=num_workers, skip_corrupt=True,
+                          micro_batches_per_message=1)
         with caplog.at_level(logging.WARNING, logger="esolm_dist.data.loader"):
             delivered = [i for batch in skipping for i in ids_of(batch)]
-        assert len(lost) == 10 and sorted(delivered) == sorted(set(range(40)) - lost)
-        assert skipping.skipped_shards == 1
+        assert delivered == expected and skipping.skipped_shards == 1
     warnings = [r.getMessage() for r in caplog.records]  # from the in-process (0 workers) run
     assert len(warnings) == 1 and "skipped corrupt shard (1 so far" in warnings[0]
     assert str(bad) in warnings[0]
@@ -340,7 +338,7 @@ def test_manifest_must_match_the_run(seven_shards):
         loader(seven_shards / "missing")
 
 
-def test_too_few_shards_says_how_many_are_needed(seven_shards):
-    with pytest.raises(DataError, match=r"has 7 shards, fewer than dp_size x num_workers = "
-                                        r"2 x 4: 8 are needed; .*--min-shards 8"):
-        loader(seven_shards, dp_size=2, num_workers=4)
+def test_global_batch_must_split_into_micro_batches_per_rank(seven_shards):
+    with pytest.raises(ValueError, match=r"global_batch_size a multiple of dp_size x "
+                                         r"micro_batch_size; .*global_batch_size=12"):
+        loader(seven_shards, dp_size=2, global_batch_size=12)

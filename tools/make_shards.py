@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard-tokens", type=at_least_one, default=DEFAULT_SHARD_TOKENS,
                         help="target tokens per shard")
     parser.add_argument("--min-shards", type=at_least_one, default=DEFAULT_MIN_SHARDS,
-                        help="least shards per split; readers need dp_size x num_workers")
+                        help="least shards per split")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
 

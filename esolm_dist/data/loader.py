@@ -1,13 +1,15 @@
-"""The reader the trainer calls: `build_loader` -> a `ShardLoader` of [B, L] int64 batches for
-one data-parallel rank, with a small state that resumes the stream exactly.
+"""The reader the trainer calls: `build_loader` -> a `ShardLoader` of [B, L] int64 micro-batches
+for one data-parallel rank, cut from one global order of the split's sequences (see plan), with
+a small, layout-free state: the position in that order.
 
-Workers read whole shards with webdataset's tar iterator (see shard_reader) and follow the
-ReadPlan (see plan). Each batch travels with its worker's position after it, and the loader
-records positions as the caller takes batches, so `state_dict()` is exact however far the
-DataLoader has prefetched. The state is the same on every DP rank (positions are relative
-to each rank's share), so a checkpoint needs one copy.
+Micro-batches travel from the loader's workers in messages of k consecutive micro-batches;
+message c (counted from where this pass starts) is made by worker c % W. The DataLoader asks
+its workers in turn and delivers results in the order asked, so the caller receives the
+messages in order c = 0, 1, 2, ... whatever W is, and counting micro-batches as they are taken
+keeps `state_dict()` exact however far the DataLoader has prefetched.
 """
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -17,193 +19,199 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from esolm_dist.data.errors import DataError
 from esolm_dist.data.manifest import Manifest, read_manifest
-from esolm_dist.data.plan import Piece, ReadPlan
-from esolm_dist.data.shard_reader import REBUILD, read_shard
+from esolm_dist.data.plan import GlobalOrder, RankSlice
+from esolm_dist.data.shard_reader import REBUILD, ShardRows
 
 logger = logging.getLogger(__name__)
-STATE_FORMAT = "esolm-shard-loader/1"
-MESSAGE_TOKENS = 2**18  # tokens per worker-to-caller message (several batches when small)
+STATE_FORMAT = "esolm-shard-loader/2"  # /2: a position in the global order
+MESSAGE_TOKENS = 2**18  # tokens per worker-to-caller message (several micro-batches when small)
 
 
-class _ShardStream(IterableDataset):
-    """Worker side: yields messages (tokens [k, b, L], worker, positions, skipped) holding k
-    consecutive batches of one worker, in the shards' own dtype (the caller widens them).
-    positions[j] is the worker's (epoch, offset) after batch j; skipped counts the corrupt
-    shards the worker has found so far (each is warned about once, then passed over).
+class _OrderStream(IterableDataset):
+    """Worker side: yields (tokens [k, B, L] in the shards' dtype, corrupt shards found so far)
+    for this worker's messages, from micro-batch `first` on (see the module docstring).
 
-    Batching several batches per message amortises the DataLoader's per-message cost. A
-    message never crosses a block boundary (offsets that are multiples of block_span), so
-    the grouping depends only on positions and a resumed worker regroups identically.
+    Under skip_corrupt, a sequence of a corrupt shard is replaced by the same row of the next
+    readable shard (in manifest order, wrapping): batches keep their size and the replacement
+    is the same in every worker and layout. Each corrupt shard is warned about once per worker.
     """
 
-    def __init__(self, shard_dir: Path, manifest: Manifest, split: str, plan: ReadPlan,
-                 infinite: bool, skip_corrupt: bool):
+    def __init__(self, shard_dir: Path, manifest: Manifest, split: str, order: GlobalOrder,
+                 ranks: RankSlice, per_message: int, skip_corrupt: bool):
         self.shard_dir = shard_dir
         self.manifest = manifest
         self.shards = manifest.splits[split].shards
-        self.plan = plan
-        self.infinite = infinite
+        self.order = order
+        self.ranks = ranks
+        self.per_message = per_message
         self.skip_corrupt = skip_corrupt
-        batch_tokens = plan.micro_batch_size * manifest.seq_len
-        self.block_span = max(1, MESSAGE_TOKENS // batch_tokens) * plan.micro_batch_size
-        self.start_positions = [(0, 0)] * plan.num_workers  # (epoch, offset) per worker
-        self.first_worker = 0  # the worker whose batch the caller takes first
-        self.corrupt: set[int] = set()  # manifest indices of shards found corrupt
+        self.first = 0  # micro-batch index this pass starts at; set by ShardLoader
+        self._rows: ShardRows | None = None  # per process: verified shards and open maps
+        self._corrupt: set[int] = set()
 
     def __iter__(self):
-        """Messages for this worker; a DataError is passed on as an item (see ShardLoader)."""
+        """This worker's messages; a DataError is passed on as an item (see ShardLoader)."""
         info = get_worker_info()
-        worker = ((info.id if info else 0) + self.first_worker) % self.plan.num_workers
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if self._rows is None:
+            self._rows = ShardRows(self.shard_dir, self.manifest, self.shards)
         try:
-            yield from self._worker_messages(worker)
+            yield from self._messages(worker, workers)
         except DataError as exc:
             yield exc
 
-    def _worker_messages(self, worker: int):
-        epoch, offset = self.start_positions[worker]
-        self.corrupt = set()
+    def _messages(self, worker: int, workers: int):
+        permutations: dict[int, np.ndarray] = {}
+        total = self.ranks.micro_batches
+        per_shard = self.shards[0].sequences
+        message = worker
         while True:
-            for batches, positions in self._messages(worker, epoch, offset):
-                yield torch.from_numpy(batches), worker, positions, len(self.corrupt)
-            if not self.infinite:
+            first = self.first + message * self.per_message
+            count = self.per_message if total is None else min(self.per_message, total - first)
+            if count <= 0:
                 return
-            epoch, offset = epoch + 1, 0
+            positions = self.ranks.positions(first, count).ravel()
+            shards, rows = np.divmod(self.order.sequence_indices(positions, permutations),
+                                     per_shard)
+            tokens = self._rows.read(self._readable(shards), rows)
+            yield (torch.from_numpy(tokens.reshape(count, self.ranks.micro_batch_size, -1)),
+                   sorted(self._corrupt))
+            message += workers
 
-    def _messages(self, worker: int, epoch: int, offset: int):
-        """(batches [k, b, L], positions after each) grouped by block and batch size."""
-        group, positions, group_block = [], [], None
-        for rows, start, end in self._epoch_batches(worker, epoch, offset):
-            block = start // self.block_span
-            if group and (block != group_block or len(rows) != len(group[0])):
-                yield np.stack(group), positions
-                group, positions = [], []
-            group.append(rows)
-            positions.append((epoch, end))
-            group_block = block
-        if group:
-            yield np.stack(group), positions
+    def _readable(self, shards: np.ndarray) -> np.ndarray:
+        """`shards` with each corrupt shard replaced by the next readable one."""
+        out = shards.copy()
+        for shard in np.unique(shards).tolist():
+            candidate = shard
+            while not self._usable(candidate):
+                candidate = (candidate + 1) % len(self.shards)
+                if candidate == shard:
+                    raise DataError(f"{self.shard_dir}: every shard of the split is corrupt; "
+                                    f"rebuild the shards with tools/make_shards.py")
+            out[shards == shard] = candidate
+        return out
 
-    def _epoch_batches(self, worker: int, epoch: int, offset: int):
-        """(rows [b, L], offset of the first row, offset after the last) for one worker's
-        share of one epoch, starting `offset` sequences in."""
-        size = self.plan.micro_batch_size
-        pending, count, first = [], 0, None
-        for piece in self.plan.pieces(epoch, worker, offset):
-            tokens, rows = self._piece_rows(epoch, piece)
-            used = 0
-            while used < len(rows):
-                if count == 0:
-                    first = piece.end - len(rows) + used
-                take = rows[used:used + size - count]
-                pending.append(tokens[take])
-                used += len(take)
-                count += len(take)
-                if count == size:
-                    yield _joined(pending), first, piece.end - len(rows) + used
-                    pending, count = [], 0
-        if pending and self.plan.keep_partial_batch:
-            start, stop = self.plan.worker_range(worker)
-            yield _joined(pending), first, stop - start
-
-    def _piece_rows(self, epoch: int, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
-        """The piece's shard tokens and its row indices in epoch order (no rows when the
-        shard is skipped as corrupt)."""
-        no_rows = np.empty((0, self.manifest.seq_len)), np.empty(0, dtype=np.int64)
-        if piece.shard in self.corrupt:
-            return no_rows
-        shard = self.shards[piece.shard]
+    def _usable(self, shard: int) -> bool:
+        """Whether `shard` verifies; a corrupt one is a DataError unless skip_corrupt."""
+        if shard in self._corrupt:
+            return False
         try:
-            tokens = read_shard(self.shard_dir / shard.name, shard, self.manifest)
+            self._rows.check(shard)
         except DataError as exc:
             if not self.skip_corrupt:
                 raise
-            self.corrupt.add(piece.shard)
+            self._corrupt.add(shard)
             logger.warning("skipped corrupt shard (%d so far in this worker): %s",
-                           len(self.corrupt), exc)
-            if len(self.corrupt) == len(self.shards):
-                raise DataError(f"{self.shard_dir}: every shard of the split is corrupt; "
-                                f"rebuild the shards with tools/make_shards.py") from None
-            return no_rows
-        return tokens, self.plan.sequence_order(epoch, piece.shard)[piece.lo:piece.hi]
-
-
-def _joined(chunks: list[np.ndarray]) -> np.ndarray:
-    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+                           len(self._corrupt), exc)
+            return False
+        return True
 
 
 class ShardLoader:
-    """Iterable of [micro_batch_size, seq_len] int64 batches for one DP rank.
+    """Iterable of [micro_batch_size, seq_len] int64 micro-batches for one DP rank.
 
-    Infinite loaders cycle epochs and every `iter()` continues where the caller stopped;
-    finite loaders make one pass of epoch 0, the same on every `iter()` (unless a state was
-    just loaded). `plan` tells the per-epoch counts; `skipped_shards` counts corrupt shards
-    skipped under skip_corrupt.
+    Infinite loaders cycle through freshly shuffled epochs and every `iter()` continues where
+    the caller stopped; finite loaders make one pass over the split in stored order, the same
+    on every `iter()` (unless a state was just loaded), in full micro-batches only, the same
+    number on every DP rank. `skipped_shards` counts the corrupt shards skipped under
+    skip_corrupt.
     """
 
-    def __init__(self, shard_dir: Path, split: str, stream: _ShardStream, num_workers: int):
+    def __init__(self, shard_dir: Path, split: str, stream: _OrderStream, num_workers: int):
         self.shard_dir = shard_dir
         self.split = split
-        self.plan = stream.plan
-        self.skipped_shards = 0
         self._stream = stream
         self._num_workers = num_workers
-        self._positions = [(0, 0)] * self.plan.num_workers
-        self._next_worker = 0
+        self._initial = stream.ranks
+        self._taken = 0  # micro-batches taken since stream.ranks.start
         self._resume_pending = False
+        self._corrupt: set[int] = set()
+
+    @property
+    def ranks(self) -> RankSlice:
+        return self._stream.ranks
+
+    @property
+    def skipped_shards(self) -> int:
+        return len(self._corrupt)
+
+    def __len__(self) -> int:
+        """Micro-batches of one pass of a finite loader."""
+        if self._initial.micro_batches is None:
+            raise TypeError("an infinite loader has no length")
+        return self._initial.micro_batches
 
     def __iter__(self):
-        if not self._stream.infinite and not self._resume_pending:
-            self._positions = [(0, 0)] * self.plan.num_workers
-            self._next_worker = 0
+        if self._initial.micro_batches is not None and not self._resume_pending:
+            self._stream.ranks, self._taken = self._initial, 0
         self._resume_pending = False
-        self._stream.start_positions = list(self._positions)
-        self._stream.first_worker = self._next_worker
-        seen_skips = [0] * self.plan.num_workers
-        messages = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers)
+        self._stream.first = self._taken
+        messages = (DataLoader(self._stream, batch_size=None, num_workers=self._num_workers)
+                    if self._num_workers else self._stream)
         for message in messages:
             if isinstance(message, DataError):
                 raise message  # re-raised here: the DataLoader would bury it in a traceback
-            batches, worker, positions, skipped = message
-            self.skipped_shards += skipped - seen_skips[worker]
-            seen_skips[worker] = skipped
-            for index, (batch, (epoch, offset)) in enumerate(zip(batches, positions, strict=True)):
-                self._positions[worker] = (epoch, offset)
-                last_of_message = index == len(positions) - 1
-                self._next_worker = (worker + last_of_message) % self.plan.num_workers
+            batches, corrupt = message
+            self._corrupt.update(corrupt)
+            for batch in batches:
+                self._taken += 1
                 yield batch.long()
 
-    def _settings(self) -> dict:
-        """What a saved state must agree with to be resumed exactly."""
-        plan = self.plan
-        return {"split": self.split, "infinite": self._stream.infinite, "seed": plan.seed,
-                "dp_size": plan.dp_size, "num_workers": plan.num_workers,
-                "micro_batch_size": plan.micro_batch_size,
-                "seq_len": self._stream.manifest.seq_len, "num_shards": plan.num_shards,
-                "sequences_per_shard": plan.sequences_per_shard}
+    def _order_settings(self) -> dict:
+        """What a saved state must agree with: anything that changes the global order."""
+        order = self._stream.order
+        return {"split": self.split, "shuffle": order.shuffle, "seed": order.seed,
+                "sequences": order.sequences, "seq_len": self._stream.manifest.seq_len}
+
+    def _layout(self) -> dict:
+        ranks = self.ranks
+        return {"global_batch_size": ranks.global_batch_size, "dp_size": ranks.dp_size,
+                "micro_batch_size": ranks.micro_batch_size}
 
     def state_dict(self) -> dict:
-        """The position after the batches already taken; JSON-serialisable, equal on all
-        DP ranks."""
-        return {"format": STATE_FORMAT, **self._settings(), "next_worker": self._next_worker,
-                "workers": [{"epoch": epoch, "offset": offset}
-                            for epoch, offset in self._positions]}
+        """The position after the micro-batches already taken: the samples of the global batches
+        fully taken, plus (mid-step) the micro-batches taken of the next one. JSON-serialisable
+        and equal on all DP ranks; at a step boundary it fits any layout."""
+        ranks = self.ranks
+        return {"format": STATE_FORMAT, **self._order_settings(),
+                "consumed_samples": ranks.consumed_samples(self._taken),
+                "step_micro_batches": self._taken % ranks.per_step, **self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where `state` was taken (call before iterating)."""
+        """Continue the global order where `state` was taken (call before iterating); a state
+        from another DP size, micro-batch size, worker count or global batch size continues
+        at its consumed samples."""
         differing = [f"{key}={state.get(key)!r} (now {value!r})"
-                     for key, value in self._settings().items() if state.get(key) != value]
+                     for key, value in self._order_settings().items() if state.get(key) != value]
         if state.get("format") != STATE_FORMAT or differing:
             raise DataError(f"{self.shard_dir}: saved data state does not fit this loader "
                             f"({', '.join(differing) or 'unknown format'}); resume with the "
                             f"same data settings or drop the saved data state")
-        self._positions = [(w["epoch"], w["offset"]) for w in state["workers"]]
-        self._next_worker = state["next_worker"]
+        within = state["step_micro_batches"]
+        saved_layout = {key: state[key] for key in self._layout()}
+        if within and saved_layout != self._layout():
+            raise DataError(f"{self.shard_dir}: the saved data state was taken {within} "
+                            f"micro-batches into a global batch under {saved_layout}, which "
+                            f"cannot continue under {self._layout()}; resume with that layout")
+        start = state["consumed_samples"]
+        self._stream.ranks = dataclasses.replace(
+            self._initial, start=start, micro_batches=_micro_batches(
+                self._stream.order, self._initial, start))
+        self._taken = within
         self._resume_pending = True
 
 
-def _check_shards(path: Path, split: str, manifest: Manifest, dp_size: int, workers: int,
-                  micro_batch_size: int) -> int:
-    """Sequences per shard; DataError unless the split can feed dp_size x workers readers."""
+def _micro_batches(order: GlobalOrder, ranks: RankSlice, start: int) -> int | None:
+    """Micro-batches per rank in the rest of a single (unshuffled) pass; None when endless."""
+    if order.shuffle:
+        return None
+    return max(0, order.sequences - start) // ranks.global_batch_size * ranks.per_step
+
+
+def _check_split(path: Path, split: str, manifest: Manifest, infinite: bool,
+                 global_batch_size: int) -> int:
+    """Sequences in the split; DataError unless its shards are equal and (for a single pass)
+    it holds at least one global batch."""
     if split not in manifest.splits:
         raise DataError(f"{path}: no {split!r} split; rebuild with tools/make_shards.py"
                         f"{' --val-fraction 0.01' if split == 'val' else ''}")
@@ -211,17 +219,12 @@ def _check_shards(path: Path, split: str, manifest: Manifest, dp_size: int, work
     if len({shard.sequences for shard in shards}) != 1:
         raise DataError(f"{path}: {split} shards differ in size; rebuild with "
                         f"tools/make_shards.py")
-    if len(shards) < dp_size * workers:
-        raise DataError(f"{path}: the {split} split has {len(shards)} shards, fewer than "
-                        f"dp_size x num_workers = {dp_size} x {workers}: {dp_size * workers} "
-                        f"are needed; rebuild with tools/make_shards.py --min-shards "
-                        f"{dp_size * workers} or use fewer workers")
-    per_rank = len(shards) * shards[0].sequences // dp_size
-    if per_rank < workers * micro_batch_size:
-        raise DataError(f"{path}: the {split} split gives each DP rank {per_rank} sequences, "
-                        f"fewer than num_workers x micro_batch_size = {workers * micro_batch_size}"
-                        f"; add data or use a smaller micro-batch or fewer workers")
-    return shards[0].sequences
+    sequences = manifest.splits[split].sequences
+    if not infinite and sequences < global_batch_size:
+        raise DataError(f"{path}: the {split} split holds {sequences} sequences, fewer than one "
+                        f"batch of dp_size x micro_batch_size = {global_batch_size}; add data "
+                        f"(raise data.val_fraction) or use a smaller micro-batch")
+    return sequences
 
 
 def _check_shard_files(shard_dir: Path, split: str, manifest: Manifest,
@@ -238,35 +241,56 @@ def _check_shard_files(shard_dir: Path, split: str, manifest: Manifest,
     logger.warning("%s, skipped when reached (skip_corrupt); the first: %s", count, problems[0])
 
 
+def _describe(split: str, manifest: Manifest, order: GlobalOrder, ranks: RankSlice,
+              workers: int) -> str:
+    """One line for the log: what is read, in what order, and what this rank takes."""
+    shards = manifest.splits[split].shards
+    how = (f"shuffled every epoch (seed {order.seed})" if order.shuffle
+           else f"one pass in stored order, {ranks.micro_batches} micro-batches per rank, "
+                f"{order.sequences % ranks.global_batch_size} sequences dropped")
+    return (f"{split}: {order.sequences} sequences in {len(shards)} shards, {how}; global batch "
+            f"{ranks.global_batch_size} = DP {ranks.dp_size} x {ranks.per_step} micro-batches x "
+            f"{ranks.micro_batch_size}; DP rank {ranks.dp_rank} reads its slice with "
+            f"{workers} worker(s)")
+
+
 def build_loader(shard_dir: str | Path, split: str = "train", *, seq_len: int,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 num_workers: int = 1, seed: int = 0, tokenizer_fingerprint: str,
-                 skip_corrupt: bool = False, infinite: bool = True) -> ShardLoader:
+                 global_batch_size: int | None = None, num_workers: int = 1, seed: int = 0,
+                 tokenizer_fingerprint: str, skip_corrupt: bool = False, infinite: bool = True,
+                 micro_batches_per_message: int | None = None) -> ShardLoader:
     """A loader of `split` for data-parallel rank dp_rank of dp_size.
+
+    Global batch s is the same sequences whatever dp_size, micro_batch_size and num_workers
+    are; this rank gets its contiguous slice of it (see plan). global_batch_size defaults to
+    dp_size x micro_batch_size (one micro-batch per rank per step, as evaluation wants).
 
     Pass the DATA-PARALLEL rank, never the global rank: all TP ranks and PP stages of one
     replica pass the same dp_rank and get identical batches. The manifest must match the
     run's seq_len and tokenizer, and every shard of the split must exist with its recorded
-    size (each shard's sha256 is checked as it is read). With skip_corrupt a corrupt shard
-    is skipped with a counted warning (in finite mode, ranks can then end with different
-    numbers of batches).
+    size (each shard's sha256 is checked when it is first read). micro_batches_per_message
+    (default: about MESSAGE_TOKENS tokens) groups micro-batches into worker messages; it does
+    not change what is delivered.
     """
-    if not 0 <= dp_rank < dp_size or micro_batch_size < 1 or num_workers < 0:
-        raise ValueError(f"need 0 <= dp_rank < dp_size, micro_batch_size >= 1, num_workers >= 0;"
-                         f" got dp_rank={dp_rank}, dp_size={dp_size}, "
-                         f"micro_batch_size={micro_batch_size}, num_workers={num_workers}")
+    global_batch_size = global_batch_size or dp_size * micro_batch_size
+    if (not 0 <= dp_rank < dp_size or micro_batch_size < 1 or num_workers < 0
+            or global_batch_size % (dp_size * micro_batch_size)):
+        raise ValueError(f"need 0 <= dp_rank < dp_size, micro_batch_size >= 1, num_workers >= 0 "
+                         f"and global_batch_size a multiple of dp_size x micro_batch_size; got "
+                         f"dp_rank={dp_rank}, dp_size={dp_size}, micro_batch_size="
+                         f"{micro_batch_size}, num_workers={num_workers}, "
+                         f"global_batch_size={global_batch_size}")
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
     manifest_path = shard_dir / "manifest.json"
     manifest.check_matches(manifest_path, seq_len, tokenizer_fingerprint)
-    workers = max(1, num_workers)
-    sequences_per_shard = _check_shards(manifest_path, split, manifest, dp_size, workers,
-                                        micro_batch_size)
+    sequences = _check_split(manifest_path, split, manifest, infinite, global_batch_size)
     _check_shard_files(shard_dir, split, manifest, skip_corrupt)
-    plan = ReadPlan(num_shards=len(manifest.splits[split].shards),
-                    sequences_per_shard=sequences_per_shard, dp_rank=dp_rank, dp_size=dp_size,
-                    num_workers=workers, micro_batch_size=micro_batch_size, seed=seed,
-                    keep_partial_batch=not infinite)
-    logger.info(plan.describe(split))
-    stream = _ShardStream(shard_dir, manifest, split, plan, infinite, skip_corrupt)
+    order = GlobalOrder(sequences=sequences, seed=seed, shuffle=infinite)
+    ranks = RankSlice(global_batch_size=global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                      micro_batch_size=micro_batch_size, start=0, micro_batches=None)
+    ranks = dataclasses.replace(ranks, micro_batches=_micro_batches(order, ranks, 0))
+    logger.info(_describe(split, manifest, order, ranks, num_workers))
+    per_message = micro_batches_per_message or max(1, MESSAGE_TOKENS // (micro_batch_size * seq_len))
+    stream = _OrderStream(shard_dir, manifest, split, order, ranks, per_message, skip_corrupt)
     return ShardLoader(shard_dir, split, stream, num_workers)

@@ -1,97 +1,82 @@
-"""Who reads which sequence when: the per-epoch order of a split, cut by data-parallel rank,
-then by DataLoader worker. Pure arithmetic on seeds; no I/O.
+"""Who reads which sequence when: one global order of a split's sequences, cut into global
+batches, each cut by data-parallel rank into micro-batches. Pure arithmetic on seeds; no I/O.
 
-Epoch e's stream: the shards in a seeded order, each shard's sequences in a seeded order.
-DP rank r reads stream positions [r*n, (r+1)*n) with n = total // dp_size, so every rank gets
-the same count and the last total % dp_size sequences of the epoch are dropped. The rank's n
-sequences form batches (a final partial batch is kept when `keep_partial_batch`, dropped
-otherwise); worker w reads a contiguous run of those batches. Every rank of one replica (TP
-ranks, PP stages) that passes the same dp_rank reads the same sequences.
+The split's N sequences are numbered in manifest order (shard 0's rows, then shard 1's, ...).
+The global order is an endless stream of positions p = 0, 1, 2, ...: position p is sequence
+perm_e[p % N] with e = p // N and perm_e = default_rng([seed, e]).permutation(N) (a fresh
+shuffle every epoch), or simply p for an unshuffled single pass. Global batch s is positions
+[start + s*G, start + (s+1)*G), `start` being the samples consumed before this loader began
+(Megatron's consumed samples), so batches run across epoch ends and nothing is dropped.
+
+DP rank r takes the contiguous slice [r*G/DP, (r+1)*G/DP) of each global batch, as G/(DP*B)
+micro-batches of B sequences in order. The sequences of global batch s therefore do not depend
+on DP, TP, PP, B or the number of loader workers; every rank of one replica (TP ranks, PP
+stages) that passes the same dp_rank reads the same sequences.
 """
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 
 @dataclass(frozen=True)
-class Piece:
-    """Sequences [lo, hi) of one shard in its epoch order; `end` is the worker offset after it."""
+class GlobalOrder:
+    """Sequence index at each position of the global order (see the module docstring)."""
 
-    shard: int
-    lo: int
-    hi: int
-    end: int
+    sequences: int
+    seed: int
+    shuffle: bool
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s order of the sequence indices (int32 where it fits, to halve memory)."""
+        dtype = np.int32 if self.sequences < 2**31 else np.int64
+        order = np.arange(self.sequences, dtype=dtype)
+        np.random.default_rng([self.seed, epoch]).shuffle(order)
+        return order
+
+    def sequence_indices(self, positions: np.ndarray, cache: dict[int, np.ndarray]) -> np.ndarray:
+        """The sequence index at each position; `cache` keeps epoch permutations between calls
+        (the caller owns it, so each worker process keeps its own)."""
+        if not self.shuffle:
+            return positions % self.sequences
+        epochs, offsets = np.divmod(positions, self.sequences)
+        out = np.empty_like(positions)
+        for epoch in np.unique(epochs).tolist():
+            if epoch not in cache:
+                for old in [e for e in cache if e < epoch - 1]:
+                    del cache[old]  # positions only move forward: older epochs are done
+                cache[epoch] = self.permutation(epoch)
+            here = epochs == epoch
+            out[here] = cache[epoch][offsets[here]]
+        return out
 
 
 @dataclass(frozen=True)
-class ReadPlan:
-    """The read order of one split for one DP rank (see the module docstring)."""
+class RankSlice:
+    """The micro-batches of one DP rank: micro-batch i (counted from the loader's start) holds
+    the global-order positions `positions(i)`. `micro_batches` is None for an endless stream."""
 
-    num_shards: int
-    sequences_per_shard: int
+    global_batch_size: int
     dp_rank: int
     dp_size: int
-    num_workers: int
     micro_batch_size: int
-    seed: int
-    keep_partial_batch: bool
+    start: int  # samples consumed before micro-batch 0
+    micro_batches: int | None
 
     @property
-    def sequences_per_rank(self) -> int:
-        return self.num_shards * self.sequences_per_shard // self.dp_size
+    def per_step(self) -> int:
+        """Micro-batches this rank takes from one global batch."""
+        return self.global_batch_size // (self.dp_size * self.micro_batch_size)
 
-    @property
-    def batches_per_rank(self) -> int:
-        """Batches each DP rank gets per epoch (the same on every rank)."""
-        full, rest = divmod(self.sequences_per_rank, self.micro_batch_size)
-        return full + (1 if rest and self.keep_partial_batch else 0)
+    def positions(self, first: int, count: int) -> np.ndarray:
+        """[count, micro_batch_size] positions of micro-batches first .. first+count-1."""
+        index = np.arange(first, first + count, dtype=np.int64)
+        step, within = np.divmod(index, self.per_step)
+        base = (self.start + step * self.global_batch_size
+                + self.dp_rank * (self.global_batch_size // self.dp_size)
+                + within * self.micro_batch_size)
+        return base[:, None] + np.arange(self.micro_batch_size, dtype=np.int64)
 
-    @property
-    def dropped_to_equalise_ranks(self) -> int:
-        """Sequences per epoch (all ranks together) dropped so every DP rank gets the same count."""
-        return self.num_shards * self.sequences_per_shard - self.dp_size * self.sequences_per_rank
-
-    @property
-    def dropped_partial_batches(self) -> int:
-        """Sequences per epoch (all ranks together) dropped because they make no full batch."""
-        used = min(self.sequences_per_rank, self.batches_per_rank * self.micro_batch_size)
-        return self.dp_size * (self.sequences_per_rank - used)
-
-    def worker_range(self, worker: int) -> tuple[int, int]:
-        """[start, stop) of this rank's per-epoch sequences that `worker` reads."""
-        first = worker * self.batches_per_rank // self.num_workers
-        last = (worker + 1) * self.batches_per_rank // self.num_workers
-        return (first * self.micro_batch_size,
-                min(last * self.micro_batch_size, self.sequences_per_rank))
-
-    def shard_order(self, epoch: int) -> np.ndarray:
-        """Manifest indices of the shards in epoch order (the same on every rank)."""
-        return np.random.default_rng([self.seed, epoch, 0]).permutation(self.num_shards)
-
-    def sequence_order(self, epoch: int, shard: int) -> np.ndarray:
-        """Row indices of one shard's sequences in epoch order."""
-        rng = np.random.default_rng([self.seed, epoch, 1, shard])
-        return rng.permutation(self.sequences_per_shard)
-
-    def pieces(self, epoch: int, worker: int, offset: int) -> Iterator[Piece]:
-        """The shard pieces `worker` reads in `epoch`, from `offset` sequences into its range."""
-        start, stop = self.worker_range(worker)
-        shards = self.shard_order(epoch)
-        rank_base = self.dp_rank * self.sequences_per_rank
-        position = start + offset
-        while position < stop:
-            slot, lo = divmod(rank_base + position, self.sequences_per_shard)
-            hi = min(self.sequences_per_shard, lo + stop - position)
-            position += hi - lo
-            yield Piece(int(shards[slot]), lo, hi, position - start)
-
-    def describe(self, split: str) -> str:
-        """One line for the log: the per-epoch counts and what is dropped, and why."""
-        return (f"{split}: {self.num_shards} shards x {self.sequences_per_shard} sequences; "
-                f"DP rank {self.dp_rank}/{self.dp_size} reads {self.sequences_per_rank} "
-                f"sequences = {self.batches_per_rank} batches of {self.micro_batch_size} per "
-                f"epoch over {self.num_workers} worker(s); dropped per epoch: "
-                f"{self.dropped_to_equalise_ranks} to equalise DP ranks, "
-                f"{self.dropped_partial_batches} in partial batches")
+    def consumed_samples(self, taken: int) -> int:
+        """Global position after the last global batch fully taken by `taken` micro-batches."""
+        return self.start + taken // self.per_step * self.global_batch_size
