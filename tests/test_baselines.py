@@ -425,3 +425,21 @@ def test_baseline_exports_and_samples_with_its_method(launches, layout, model, t
     assert sample_main(["--model", str(path), "--length", "16", "--method", wrong]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--method {wrong} samples" in err and str(path) in err, err
+
+
+@pytest.mark.parametrize("model,row_len,pairs", [("ar", 16, 16 * 17 // 2), ("mdlm", 16, 16 * 16),
+                                                 ("bd3lm", 32, 16 * (16 + 4))])
+def test_training_flops_count_the_baselines_rows(model, row_len, pairs):
+    """Model FLOPs of one micro-batch, by hand: rows of L (ar, mdlm) or 2L (bd3lm) tokens, the
+    matmuls per token and 4d per allowed pair per layer; x 3 for forward + backward."""
+    from esolm_dist.config import load_config
+    from esolm_dist.flops import training_step_flops
+
+    cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.seq_len=16",
+                             "train.micro_batch_size=4", "train.global_batch_size=4", f"eso.model={model}",
+                             "model.attention_backend=sdpa"])
+    d, f, layers, vocab = 32, 128, 2, 64
+    tokens = 4 * row_len
+    forward = tokens * 2 * layers * (4 * d * d + 2 * d * f) + tokens * 2 * d * vocab + 4 * d * layers * 4 * pairs
+    flops = training_step_flops(cfg, vocab, MASK_ID, torch.device("cpu"), 0, 1)
+    assert flops.model == 3 * forward
