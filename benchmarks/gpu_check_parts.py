@@ -362,12 +362,14 @@ def sampling_part(box: TimeBox, sizes: Sizes, ctx: Context) -> dict:
 def sampling_case(case: dict, model, sizes: Sizes, device, alpha0: dict, num_steps: int) -> dict:
     import torch
 
+    from benchmarks.sampling_speed import as_model_of
     from esolm_dist.eso.sampling import first_hitting_schedule, sample, sample_mdlm
 
     generator = torch.Generator(device=device).manual_seed(0)
     batch, length, method = case["batch"], case["length"], case["method"]
     if method != "mdlm":
-        result = sample(model, batch, length, method=method, alpha0=alpha0[method], num_steps=num_steps,
+        result = sample(as_model_of(model, method), batch, length, method=method, alpha0=alpha0[method],
+                        num_steps=num_steps,
                         top_p=1.0, generator=generator, device=device)
         return {"status": "ok", "nfe": result.nfe, "seconds": result.wall_time_s,
                 "tokens_per_s": batch * length / result.wall_time_s}

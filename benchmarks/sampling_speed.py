@@ -14,12 +14,15 @@ unless --export names an export folder; speed does not depend on the weights.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import platform
 import statistics
 import subprocess
 
 import torch
 
+from esolm_dist.eso import METHODS
 from esolm_dist.eso.sampling import sample
 from esolm_dist.inference.export_io import ExportConfig
 from esolm_dist.inference.model import EsoLM
@@ -39,10 +42,18 @@ def quickstart_model(max_seq_len: int, device: str) -> EsoLM:
     return EsoLM(config).to(device).eval()
 
 
+def as_model_of(model: EsoLM, method: str) -> EsoLM:
+    """The same network (shared weights) labelled as the model ``method`` samples (config.json "model"):
+    each sampler runs only on its own model; speed does not depend on what the weights learnt."""
+    labelled = copy.copy(model)
+    labelled.config = dataclasses.replace(model.config, model=METHODS[method])
+    return labelled
+
+
 def time_one_sample(model: EsoLM, method: str, length: int, seed: int, device: str) -> tuple[float, int]:
     """Wall time and NFE of one sample."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    result = sample(model, 1, length, method=method, alpha0=ALPHA0[method], num_steps=NUM_STEPS,
+    result = sample(as_model_of(model, method), 1, length, method=method, alpha0=ALPHA0[method], num_steps=NUM_STEPS,
                     top_p=1.0, generator=generator, device=device)
     return result.wall_time_s, result.nfe
 

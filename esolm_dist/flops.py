@@ -3,8 +3,8 @@
 Every matmul counts 2 FLOPs per multiply-add. Not counted (element-wise, small): embedding lookups,
 LayerNorms, rotary, softmax, GELU, the loss and the optimizer.
 
-Model FLOPs (the numerator of MFU) of one 2L row, forward: for each of its 2L tokens the matmuls of
-the network (per layer QKV 3d^2, attention output d^2, FFN 2df; the output layer dV), plus, per
+Model FLOPs (the numerator of MFU) of one row (2L tokens; L for the AR and MDLM baselines), forward:
+for each of its tokens the matmuls of the network (per layer QKV 3d^2, attention output d^2, FFN 2df; the output layer dV), plus, per
 layer, 4d for every (query, key) pair the row's Eso-LM mask ALLOWS (QK^T and AV, all heads):
 :func:`mask_pairs`, exact from the masks of esolm_dist.eso.masks. A packed diffusion pair and a
 sequential [z0 ; x] row each allow about L^2 of their (2L)^2 pairs. A training step counts
@@ -26,6 +26,7 @@ where the peak is the device's dense rate at the precision its matmuls run in (b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import time
@@ -34,8 +35,9 @@ from dataclasses import dataclass
 import torch
 
 from esolm_dist.config import ModelConfig, ParallelConfig, RunConfig
+from esolm_dist.eso.baselines import training_rows
 from esolm_dist.eso.masks import SEQUENTIAL, RowMaskSpec, diffusion_allowed
-from esolm_dist.eso.rows import build_rows, noise_generator
+from esolm_dist.eso.rows import noise_generator
 from esolm_dist.kernels.attention import choose_backend
 
 TILE = 128  # sparsity granularity of flash-attn and FlexAttention (see the module docstring)
@@ -80,8 +82,15 @@ def mask_pairs(masks: RowMaskSpec) -> torch.Tensor:
     (diffusion pair: two causal segments; sequential [z0 ; x]: z0 query i sees itself and x_<i,
     x is causal). Eso-LM (A) adds the keys that clean tokens make visible: c(c - 1)/2 per diffusion
     segment with c clean tokens, c^2 for a sequential row (c(c + 1)/2 from z0, c(c - 1)/2 from x).
+    Baselines (one row kind each): AR's causal row of L, L(L + 1)/2; MDLM's bidirectional row,
+    L^2; BD3-LM's [x_t ; x] with block size L' (n = L / L' blocks): an x_t query of block b sees
+    L' + b L' keys, an x query (b + 1) L', in all L'^2 n(n + 1) = L(L + L') (L' = 1: L(L + 1)).
     """
     length = masks.seq_len
+    baseline = {"ar": length * (length + 1) // 2, "mdlm": length * length,
+                "bd3lm": length * (length + masks.block_size)}
+    if masks.model in baseline:
+        return torch.full(masks.kinds.shape, baseline[masks.model], dtype=torch.int64)
     causal = torch.full(masks.kinds.shape, length * (length + 1), dtype=torch.int64)
     if masks.variant == "B":
         return causal
@@ -124,10 +133,10 @@ def executed_pairs(masks: RowMaskSpec, backend: str, tile: int = TILE) -> torch.
     counted: dict[tuple, int] = {}
     out = torch.empty(rows, dtype=torch.int64)
     for row in range(rows):
-        # Eso-LM (B) masks do not depend on the clean counts: one count per row kind
-        key = (int(masks.kinds[row]),) + (tuple(masks.n_clean[row].tolist()) if masks.variant == "A" else ())
+        # only Eso-LM (A)'s masks depend on the clean counts: otherwise one count per row kind
+        key = (int(masks.kinds[row]),) + (tuple(masks.n_clean[row].tolist()) if masks.depends_on_clean_counts else ())
         if key not in counted:
-            one = RowMaskSpec(masks.variant, masks.seq_len, masks.kinds[row:row + 1], masks.n_clean[row:row + 1])
+            one = dataclasses.replace(masks, kinds=masks.kinds[row:row + 1], n_clean=masks.n_clean[row:row + 1])
             counted[key] = touched_tile_pairs(one.dense()[0, 0], tile)
         out[row] = counted[key]
     return out
@@ -196,17 +205,17 @@ def training_step_flops(cfg: RunConfig, vocab_size: int, mask_id: int, device: t
     """FLOPs of one optimizer step over this rank's ``micro_batches`` micro-batches.
 
     The masks are those of step 0, drawn with the trainer's own noise (at most 8 micro-batches), and
-    the backend is the one the model picks for them. Eso-LM (B) masks do not depend on the noise, so
-    for (B) this is every step's exact count; for (A) it is an estimate from those draws.
+    the backend is the one the model picks for them. Eso-LM (B) and baseline masks do not depend on the
+    noise, so for them this is every step's exact count; for (A) it is an estimate from those draws.
     """
     e = cfg.eso
     dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
     clean = torch.full((cfg.train.micro_batch_size, cfg.model.seq_len), 1 if mask_id == 0 else 0)
     flops = []
     for micro in range(min(micro_batches, 8)):
-        masks = build_rows(clean, alpha0=e.alpha0, kappa=e.kappa, variant=e.variant, loss_type=e.loss_type,
-                           eps=e.eps, mask_id=mask_id,
-                           generator=noise_generator(cfg.train.seed, 0, micro, dp_rank)).masks
+        masks = training_rows(clean, model=e.model, alpha0=e.alpha0, kappa=e.kappa, variant=e.variant,
+                              loss_type=e.loss_type, eps=e.eps, mask_id=mask_id, bos_id=0, block_size=e.block_size,
+                              generator=noise_generator(cfg.train.seed, 0, micro, dp_rank)).masks
         backend = choose_backend(cfg.model.attention_backend, masks, device, dtype, needs_grad=True)
         flops.append(micro_batch_flops(cfg.model, vocab_size, masks, backend, cfg.parallel.activation_checkpointing))
     return mean_flops(flops) * micro_batches

@@ -28,7 +28,8 @@ from esolm_dist.callbacks import Callback, default_callbacks
 from esolm_dist.config import ConfigError, RunConfig, describe_keys, load_config, to_dict
 from esolm_dist.data.errors import DataError
 from esolm_dist.ema import EMA
-from esolm_dist.eso.rows import build_rows, noise_generator
+from esolm_dist.eso.baselines import training_rows
+from esolm_dist.eso.rows import noise_generator
 from esolm_dist.inference.export_io import ExportError
 from esolm_dist.meter import StepMeter
 from esolm_dist.parallel.state import Topology, check_layout, decided_on_rank0, init_parallel, launch_env
@@ -82,10 +83,12 @@ def make_loader(cfg: RunConfig, topo: Topology, tokenizer, split: str):
                         infinite=(split == "train"))
 
 
-def rows_for(x: torch.Tensor, cfg: RunConfig, mask_id: int, generator: torch.Generator, loss_type: str):
+def rows_for(x: torch.Tensor, cfg: RunConfig, mask_id: int, generator: torch.Generator, loss_type: str,
+             bos_id: int):
+    """The model input of a micro-batch for eso.model (bos_id: the AR baseline's first input, the EOS id)."""
     e = cfg.eso
-    return build_rows(x, alpha0=e.alpha0, kappa=e.kappa, variant=e.variant, loss_type=loss_type, eps=e.eps,
-                      mask_id=mask_id, generator=generator)
+    return training_rows(x, model=e.model, alpha0=e.alpha0, kappa=e.kappa, variant=e.variant, loss_type=loss_type,
+                         eps=e.eps, mask_id=mask_id, bos_id=bos_id, block_size=e.block_size, generator=generator)
 
 
 def dp_mean(values: torch.Tensor) -> torch.Tensor:
@@ -152,7 +155,8 @@ class Trainer:
                                       init_seed=cfg.train.seed)
         if cfg.train.init_from and self.checkpoint_to_resume() is None:
             self._load_initial_weights()
-        self.engine = build_engine(EsoObjective(self.network, cfg.eso.variant, cfg.model.seq_len), cfg, topo)
+        objective = EsoObjective(self.network, cfg.eso.variant, cfg.model.seq_len, cfg.eso.model, cfg.eso.block_size)
+        self.engine = build_engine(objective, cfg, topo)
         torch.manual_seed(cfg.train.seed + 7919 * topo.dp_rank)  # dropout differs across replicas
         self.ema = EMA(self.engine.module, cfg.optim.ema) if cfg.optim.ema > 0 else None
         self.train_loader = make_loader(cfg, topo, self.tokenizer, "train")
@@ -210,7 +214,7 @@ class Trainer:
         cfg, topo = self.cfg, self.topo
         for micro, x in enumerate(batches):
             generator = noise_generator(cfg.train.seed, step, micro, topo.dp_rank)
-            yield rows_for(x, cfg, self.mask_id, generator, loss_type).to(topo.device)
+            yield rows_for(x, cfg, self.mask_id, generator, loss_type, self.tokenizer.eos_id).to(topo.device)
 
     def train_step(self, batches) -> torch.Tensor:
         """One optimizer step over ``accumulation`` micro-batches; returns this rank's mean (loss,

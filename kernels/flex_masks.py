@@ -2,12 +2,12 @@
 
 FlexAttention skips the empty (query block, key block) tiles, runs the full ones without the
 ``mask_mod`` and evaluates it only in the partial ones. ``create_block_mask`` finds them by
-evaluating the ``mask_mod`` on all R x 2L x 2L pairs. Here each query's key range
+evaluating the ``mask_mod`` on all R x 2L x 2L pairs. Here each query's key ranges
 (:func:`esolm_dist.eso.masks.row_key_ranges`) gives how many keys of every key block it sees,
 and the sums over query blocks classify the tiles: R x 2L x 2L / block work, no dense tensor.
 
-Eso-LM (B)'s masks in sorted order depend only on L and the row kinds, not on the clean
-counts: each is built once per (L, kinds, device, block size) and reused. (A)'s depend on the
+Eso-LM (B)'s masks in sorted order, like the baselines' (AR, MDLM, BD3-LM), depend only on L
+and the row kinds, not on the clean counts: each is built once per (L, kinds, device, block size) and reused. (A)'s depend on the
 clean counts and are built per batch; their ``mask_mod`` is the same code over new tensors of
 the same shapes, so a compiled ``flex_attention`` is not recompiled for a new batch.
 """
@@ -26,32 +26,37 @@ BLOCK_SIZE = 128  # FlexAttention's default tile
 
 
 def flex_block_mask(masks: RowMaskSpec, device: torch.device, block_size: int = BLOCK_SIZE) -> BlockMask:
-    """The BlockMask of these rows on ``device``: cached for Eso-LM (B), built for (A)."""
+    """The BlockMask of these rows on ``device``: cached when the masks ignore the clean counts
+    (Eso-LM (B), the baselines), built for Eso-LM (A)."""
     device = torch.device(device)
-    if masks.variant == "B":
-        return _causal_block_mask(masks.seq_len, tuple(masks.kinds.tolist()), device, block_size)
+    if not masks.depends_on_clean_counts:
+        return _fixed_block_mask(masks.variant, masks.seq_len, tuple(masks.kinds.tolist()), masks.model,
+                                 masks.block_size, device, block_size)
     return build_block_mask(masks.to(device), block_size)
 
 
 @functools.lru_cache(maxsize=32)
-def _causal_block_mask(seq_len: int, kinds: tuple[int, ...], device: torch.device, block_size: int) -> BlockMask:
+def _fixed_block_mask(variant: str, seq_len: int, kinds: tuple[int, ...], model: str, row_block_size: int,
+                      device: torch.device, block_size: int) -> BlockMask:
     rows = len(kinds)
-    masks = RowMaskSpec("B", seq_len, torch.tensor(kinds, device=device),
-                        torch.zeros(rows, 2, dtype=torch.long, device=device))  # (B) ignores clean counts
+    masks = RowMaskSpec(variant, seq_len, torch.tensor(kinds, device=device),
+                        torch.zeros(rows, 2, dtype=torch.long, device=device),  # ignored by these masks
+                        model=model, block_size=row_block_size)
     return build_block_mask(masks, block_size)
 
 
 def build_block_mask(masks: RowMaskSpec, block_size: int = BLOCK_SIZE) -> BlockMask:
     """The BlockMask of ``masks`` (on their device), its tiles classified from the key ranges."""
-    start, end, with_self = masks.key_ranges()  # [R, 2L]
+    start, end, self_start, self_end = masks.key_ranges()  # [R, S]: two disjoint ranges per query
     rows, length = start.shape
     num_blocks = -(-length // block_size)
     first_key = torch.arange(num_blocks, device=start.device) * block_size  # [n]
-    keys_seen = (torch.minimum(end[..., None], first_key + block_size)
-                 - torch.maximum(start[..., None], first_key)).clamp_(min=0)  # [R, 2L, n]
-    own_block = torch.arange(length, device=start.device)[:, None] // block_size == torch.arange(
-        num_blocks, device=start.device)
-    keys_seen += with_self[..., None] & own_block
+
+    def seen(low, high):  # [R, S, n]: keys of each key block inside [low, high)
+        return (torch.minimum(high[..., None], first_key + block_size)
+                - torch.maximum(low[..., None], first_key)).clamp_(min=0)
+
+    keys_seen = seen(start, end) + seen(self_start, self_end)
     keys_seen = F.pad(keys_seen, (0, 0, 0, num_blocks * block_size - length))  # padded queries see nothing
     per_tile = keys_seen.view(rows, 1, num_blocks, block_size, num_blocks).sum(3)  # [R, 1, n, n]
     full = per_tile == block_size * block_size  # padding is never seen: edge tiles stay partial

@@ -46,6 +46,7 @@ class Layout:
     emulated_dp: int = 1  # world size 1 only: feed the batches of a DP=emulated_dp run
     init_from: str = ""  # train.init_from: the final checkpoint of this (earlier) layout
     recompute: bool = False  # parallel.activation_checkpointing
+    model: str = "esolm"  # eso.model (the baselines: BASELINE_LAYOUTS)
 
     @property
     def dp_size(self) -> int:
@@ -67,11 +68,25 @@ LAYOUTS = {
     "tp2_pp2_from_single": Layout(4, tensor=2, pipeline=2, zero_stage=1, init_from="single"),
 }
 
+# The baselines (tests/test_baselines.py), one parallel layout each, run only when named in --layouts
+BASELINE_LAYOUTS = {
+    "ar_single": Layout(1, model="ar"),
+    "ar_tp2": Layout(2, tensor=2, model="ar"),
+    "mdlm_single": Layout(1, model="mdlm"),
+    "mdlm_pp2": Layout(2, pipeline=2, model="mdlm"),
+    "bd3lm_single": Layout(1, model="bd3lm"),
+    "bd3lm_single_as_dp2": Layout(1, emulated_dp=2, model="bd3lm"),
+    "bd3lm_dp2_zero2": Layout(2, zero_stage=2, model="bd3lm"),
+}
+ALL_LAYOUTS = {**LAYOUTS, **BASELINE_LAYOUTS}
+
 
 def reference_for(name: str) -> str:
     """The world-size-1 layout that computes the same thing as ``name``."""
-    layout = LAYOUTS[name]
+    layout = ALL_LAYOUTS[name]
     reference = "single" if layout.dp_size == 1 else f"single_as_dp{layout.dp_size}"
+    if layout.model != "esolm":
+        reference = f"{layout.model}_{reference}"
     return f"{reference}_from_{layout.init_from}" if layout.init_from else reference
 
 
@@ -81,7 +96,7 @@ STEPS = 4
 def layout_config(name: str, out: Path, shard_dir: str):
     from esolm_dist.config import load_config
 
-    layout = LAYOUTS[name]
+    layout = ALL_LAYOUTS[name]
     run_dir = out / name
     return load_config(None, [
         f"train.run_dir={run_dir}", f"data.shard_dir={shard_dir}", f"logging.mlflow_uri=sqlite:///{out}/mlflow.db",
@@ -92,6 +107,7 @@ def layout_config(name: str, out: Path, shard_dir: str):
         "optim.warmup_steps=2", "optim.lr=3e-3", "optim.ema=0.9", "optim.grad_clip=1.0",
         f"parallel.tensor={layout.tensor}", f"parallel.pipeline={layout.pipeline}", f"parallel.zero_stage={layout.zero_stage}", "parallel.precision=fp32",
         "parallel.device=cpu", f"parallel.activation_checkpointing={str(layout.recompute).lower()}",
+        f"eso.model={layout.model}", "eso.block_size=8",
         *([f"train.init_from={out / layout.init_from / 'checkpoints' / 'latest'}"] if layout.init_from else [])])
 
 
@@ -116,7 +132,8 @@ def emulated_dp_trainer(cfg, dp_size: int):
             for k, x in enumerate(batches):
                 rank, micro = divmod(k, self.per_rank)
                 generator = noise_generator(self.cfg.train.seed, step, micro, rank)
-                yield rows_for(x, self.cfg, self.mask_id, generator, loss_type).to(self.topo.device)
+                yield rows_for(x, self.cfg, self.mask_id, generator, loss_type,
+                               self.tokenizer.eos_id).to(self.topo.device)
 
     return EmulatedDataParallel(cfg)
 
@@ -144,7 +161,7 @@ def run_layout(name: str, out: Path, shard_dir: str) -> None:
     from esolm_dist.parallel.state import reset_model_parallel
     from esolm_dist.train import Trainer
 
-    layout = LAYOUTS[name]
+    layout = ALL_LAYOUTS[name]
     cfg = layout_config(name, out, shard_dir)
     trainer = emulated_dp_trainer(cfg, layout.emulated_dp) if layout.emulated_dp > 1 else Trainer(cfg)
     topo = trainer.topo
@@ -179,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="directory for <layout>.json and <layout>.pt")
     parser.add_argument("--shard-dir", required=True, help="token shards (built from the bundled corpus if missing)")
-    parser.add_argument("--layouts", default="", help="comma-separated subset of the layouts of this world size")
+    parser.add_argument("--layouts", default="",
+                        help="comma-separated layouts of this world size (default: every layout of LAYOUTS)")
     args = parser.parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    names = [n for n in (args.layouts.split(",") if args.layouts else LAYOUTS) if LAYOUTS[n].world_size == world_size]
+    names = [n for n in (args.layouts.split(",") if args.layouts else LAYOUTS) if ALL_LAYOUTS[n].world_size == world_size]
     if not names:
         print(f"parallel_driver: no layout for world size {world_size}", file=sys.stderr)
         return 2

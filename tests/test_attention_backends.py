@@ -4,13 +4,14 @@ import pytest
 import torch
 from conftest import MASK_ID, random_tokens
 
+from esolm_dist.eso.baselines import training_rows
 from esolm_dist.eso.masks import RowMaskSpec
 from esolm_dist.eso.rows import build_rows
 from esolm_dist.kernels.attention import AttentionPlan, choose_backend, flash_attn_available, plan_attention
 
 
 def mask_specs():
-    """Both variants x both row kinds, with random clean counts."""
+    """Both variants x both row kinds, with random clean counts; and the baselines' rows."""
     gen = torch.Generator().manual_seed(0)
     x = random_tokens(8, 16, seed=1)
     for variant in ("A", "B"):
@@ -18,6 +19,10 @@ def mask_specs():
             rows = build_rows(x, alpha0=alpha0, kappa=kappa, variant=variant, loss_type="elbo", eps=1e-3,
                               mask_id=MASK_ID, generator=gen)
             yield f"{variant}-kappa{kappa}", rows.masks
+    for model, block_size in (("ar", 1), ("mdlm", 1), ("bd3lm", 4), ("bd3lm", 16)):  # the baselines (eso.model)
+        rows = training_rows(x, model=model, alpha0=0.5, kappa=0.5, variant="B", loss_type="elbo", eps=1e-3,
+                             mask_id=MASK_ID, bos_id=0, block_size=block_size, generator=gen)
+        yield f"{model}-{block_size}", rows.masks
 
 
 SPECS = dict(mask_specs())

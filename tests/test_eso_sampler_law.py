@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from esolm_dist.eso import sampling
+from esolm_dist.eso import METHODS, sampling
 from esolm_dist.inference.export_io import ExportConfig
 from esolm_dist.inference.model import EsoLM
 
@@ -67,12 +67,13 @@ def test_diffusion_positions_are_a_uniform_random_subset_in_random_order():
     assert (first - 1 / L).abs().max().item() < 0.019
 
 
-def tiny_model(bias_mask_and_padding):
+def tiny_model(bias_mask_and_padding, kind="esolm"):
     """A 1-layer export-layout model: tokenizer ids 0..9, [MASK] = 1, padded ids 10, 11. The head bias
     gives the mask and padded ids +50, so sampling them would be near-certain if they were allowed."""
     config = {"format": "esolm-export-v1", "vocab_size": 12, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
               "ffn_hidden_size": 32, "rotary_base": 10000.0, "layernorm_eps": 1e-5, "mask_token_id": 1,
-              "eos_token_id": 0, "max_seq_len": 16, "variant": "B", "alpha0": 0.5, "dtype": "float32"}
+              "eos_token_id": 0, "max_seq_len": 16, "variant": "B", "alpha0": 0.5, "dtype": "float32", "model": kind,
+              "block_size": 4 if kind == "bd3lm" else 1}
     torch.manual_seed(0)
     model = EsoLM(ExportConfig.from_dict(config, "test config"), 10).eval()
     if bias_mask_and_padding:
@@ -81,11 +82,11 @@ def tiny_model(bias_mask_and_padding):
     return model
 
 
-@pytest.mark.parametrize("method,variant", [("eso", "B"), ("eso", "A"), ("mdlm", "B"), ("ar", "B")])
+@pytest.mark.parametrize("method,variant", [("eso", "B"), ("eso", "A"), ("mdlm", "B"), ("ar", "B"), ("bd3lm", "B")])
 def test_mask_and_padded_ids_are_never_sampled(method, variant):
     """Catches the mask token (or the padding ids) left sampleable: their logits are +50 above the
     rest here, so a single allowed draw would almost surely pick one."""
-    model = tiny_model(bias_mask_and_padding=True)
+    model = tiny_model(bias_mask_and_padding=True, kind=METHODS[method])
     result = sampling.sample(model, 4, 12, method=method, variant=variant, alpha0=0.5, num_steps=4,
                              generator=torch.Generator().manual_seed(2))
     assert result.tokens.shape == (4, 12)

@@ -50,8 +50,8 @@ def launch_env() -> dict:
     return env
 
 
-def launch_driver(world_size: int, out: Path, shard_dir: Path) -> tuple[int, str, float]:
-    driver = [str(HERE / "parallel_driver.py"), str(out), "--shard-dir", str(shard_dir)]
+def launch_driver(world_size: int, out: Path, shard_dir: Path, extra: tuple[str, ...] = ()) -> tuple[int, str, float]:
+    driver = [str(HERE / "parallel_driver.py"), str(out), "--shard-dir", str(shard_dir), *extra]
     if world_size == 1:
         command = [sys.executable, *driver]
     else:

@@ -182,9 +182,9 @@ def test_samples_depend_on_the_seed(model):
                            _run(sampling.sample_eso_b, model, schedule, 2).tokens)
 
 
-def test_mdlm_baseline_draws_the_same_samples_without_a_cache(model):
+def test_all_positions_without_a_cache_draws_the_same_samples(model):
     schedule = _schedule(0.5)
-    mdlm = _run(sampling.sample_mdlm, model, schedule)
+    mdlm = _run(sampling.sample_eso_b_all_positions, model, schedule)
     cached = _run(sampling.sample_eso_b, model, schedule)
     assert torch.equal(mdlm.tokens, cached.tokens)
     _assert_same_logits(mdlm.step_logits, cached.step_logits)
@@ -196,7 +196,7 @@ def test_alpha0_zero_is_left_to_right_ar(model):
     assert torch.equal(schedule.order, torch.arange(LENGTH).expand(2, -1))
     eso = _run(sampling.sample_eso_b, model, schedule)
     assert torch.equal(_run(sampling.sample_eso_a, model, schedule).tokens, eso.tokens)
-    ar = sampling.sample(model, 2, LENGTH, method="ar", alpha0=0.9, num_steps=8,
+    ar = sampling.sample(model, 2, LENGTH, method="eso", alpha0=0.0, num_steps=8,
                          generator=torch.Generator().manual_seed(7))
     generator = torch.Generator().manual_seed(7)  # sample() draws its schedule, then the noise
     schedule = sampling.first_hitting_schedule(2, LENGTH, 0.0, 8, generator)
@@ -242,7 +242,7 @@ def test_sample_with_subcontext_schedule(model):
 
 
 @pytest.mark.parametrize("method,variant,subcontext_len", [("eso", "B", None), ("eso", "A", None),
-                                                           ("mdlm", "B", None), ("ar", "B", None), ("eso", "B", 6)])
+                                                           ("eso", "B", 6)])
 def test_on_step_reports_every_network_call_and_position_once(model, method, variant, subcontext_len):
     """What the progress bar counts: one call per network call (NFE), decoding each position once."""
     calls = []
@@ -525,9 +525,9 @@ def test_sample_file_records_the_settings_of_each_sample(export_dir, tmp_path, m
     fingerprint = hashlib.sha256((export_dir / "config.json").read_bytes()).hexdigest()
     out = tmp_path / "given.jsonl"
     assert cli.main(["--model", str(export_dir), "--num-samples", "3", "--length", "16", "--batch-size", "2",
-                     "--alpha0", "0.5", "--steps", "4", "--top-p", "0.8", "--seed", "3", "--method", "mdlm",
+                     "--alpha0", "0.5", "--steps", "4", "--top-p", "0.8", "--seed", "3", "--method", "eso",
                      "--out", str(out)]) == 0
-    given = {"method": "mdlm", "variant": "B", "alpha0": 0.5, "steps": 4, "subcontext_len": None,
+    given = {"method": "eso", "model_kind": "esolm", "variant": "B", "alpha0": 0.5, "steps": 4, "subcontext_len": None,
              "subcontext_shuffle": False, "top_p": 0.8, "seed": 3, "length": 16, "model": str(export_dir.resolve()),
              "model_config_sha256": fingerprint}
     for record in map(json.loads, out.read_text().splitlines()):

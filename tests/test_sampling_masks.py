@@ -99,10 +99,11 @@ def model(request):
 
 
 @pytest.mark.parametrize("alpha0,seed", [(0.5, 0), (1.0, 1), (0.0, 2)])
-def test_eso_b_and_mdlm_attend_causally_in_the_decoding_order(model, monkeypatch, alpha0, seed):
+def test_eso_b_samplers_attend_causally_in_the_decoding_order(model, monkeypatch, alpha0, seed):
     """Bugs caught: a chunk's queries misaligned with the cached rows (off-by-one diagonal)."""
     schedule = sampling.first_hitting_schedule(2, LENGTH, alpha0, 6, torch.Generator().manual_seed(seed))
-    for sampler in (sampling.sample_eso_b, sampling.sample_eso_b_uncached, sampling.sample_mdlm):
+    for sampler in (sampling.sample_eso_b, sampling.sample_eso_b_uncached,
+                    sampling.sample_eso_b_all_positions):
         recorder = Recorder(model, monkeypatch)
         sampler(model, schedule, 0.9, torch.Generator().manual_seed(seed))
         assert len(recorder.calls) == schedule.nfe

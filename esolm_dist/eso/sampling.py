@@ -1,6 +1,8 @@
 """Eso-LM sampling: the unmasking schedule of paper Alg. 2 and the KV-cached sampler of Alg. 3,
-with an uncached reference and the baselines (MDLM without cache, AR, Eso-LM (A)) computed by
-the same network with the same mask semantics.
+with uncached references and Eso-LM (A); and the samplers of the baselines trained by the same
+framework (eso.model): AR (one token per step, KV cache), MDLM (full bidirectional forward per
+step, no cache) and BD3-LM (diffusion within a block, finished blocks in the KV cache), each
+with the mask it was trained with (esolm_dist.eso.masks).
 
 Notation: L positions, a schedule S = (S_1, ..., S_K) of disjoint position sets covering all L;
 NFE = K (one network call per step). All samplers here share one convention: a step's masks
@@ -21,14 +23,15 @@ from typing import Any, Protocol
 
 import torch
 
-from esolm_dist.eso import METHODS
-from esolm_dist.eso.masks import diffusion_allowed
+from esolm_dist.eso import DEFAULT_METHOD, METHODS
+from esolm_dist.eso.masks import BIDIRECTIONAL, BLOCK_DIFFUSION, RowMaskSpec, diffusion_allowed, row_allowed
 
 
 class Denoiser(Protocol):
     """What the samplers need from a network (esolm_dist.inference.model.EsoLM provides it)."""
 
     mask_token_id: int
+    config: Any  # esolm_dist.inference.export_io.ExportConfig: model, bos_token_id, block_size
 
     def new_kv_cache(self, batch_size: int, capacity: int) -> Any: ...
 
@@ -247,14 +250,13 @@ def sample_eso_b_uncached(model: Denoiser, schedule: SamplingSchedule, top_p: fl
 
 
 @torch.inference_mode()
-def sample_mdlm(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9,
-                generator: torch.Generator | None = None, record_logits: bool = False,
-                on_step: OnStep | None = None) -> SamplingResult:
-    """MDLM-style baseline: no cache, every step a forward over ALL L positions, masks included.
-
-    Same network and mask semantics as Eso-LM (B) diffusion (causal in the decoding order,
-    decoded tokens first, then S_k's masks, then the unscheduled masks), so it draws the same
-    samples as sample_eso_b; it measures what the cache and the skipped masks save.
+def sample_eso_b_all_positions(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9,
+                               generator: torch.Generator | None = None, record_logits: bool = False,
+                               on_step: OnStep | None = None) -> SamplingResult:
+    """An Eso-LM (B) network run the MDLM way: no cache, every step a forward over ALL L positions,
+    masks included, causal in the decoding order (decoded tokens first, then S_k's masks, then the
+    unscheduled masks). Draws the same samples as sample_eso_b; measures what the cache and the
+    skipped masks save. (The MDLM baseline itself, a bidirectional network, is sample_mdlm.)
     """
     run = _Decoding(model, schedule, top_p, generator, record_logits, on_step)
     _decode_uncached(model, run, schedule, all_positions=True)
@@ -306,31 +308,197 @@ def sample_eso_a(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9
     return run.result()
 
 
-def sample(model: Denoiser, batch_size: int, length: int, *, method: str = "eso", variant: str = "B",
+# ---- the baselines (eso.model ar, mdlm, bd3lm) ---------------------------------------------------
+
+def left_to_right_schedule(batch_size: int, length: int, device: torch.device | str = "cpu") -> SamplingSchedule:
+    """AR decoding: L one-token steps in ascending order."""
+    order = torch.arange(length, device=device).expand(batch_size, length)
+    return SamplingSchedule(order, (1,) * length, 0)
+
+
+def block_schedule(batch_size: int, length: int, block_size: int, steps_per_block: int,
+                   generator: torch.Generator | None = None) -> SamplingSchedule:
+    """BD3-LM: the blocks of block_size positions left to right, each unmasked by its own
+    first-hitting schedule of steps_per_block steps at alpha0 = 1 (empty steps dropped)."""
+    if block_size < 1 or length % block_size:
+        raise ValueError(f"the length {length} must be a multiple of the block size {block_size}")
+    orders, sizes = [], []
+    for start in range(0, length, block_size):
+        block = first_hitting_schedule(batch_size, block_size, 1.0, steps_per_block, generator)
+        orders.append(block.order + start)
+        sizes.extend(block.step_sizes)
+    return SamplingSchedule(torch.cat(orders, dim=1), tuple(sizes), len(sizes))
+
+
+@torch.inference_mode()
+def sample_ar(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9,
+              generator: torch.Generator | None = None, record_logits: bool = False,
+              on_step: OnStep | None = None) -> SamplingResult:
+    """The AR baseline (shift by one): step i feeds x_{i-1} (BOS at step 0) at position i and
+    samples x_i from its output; the cache keeps every fed token. NFE = L."""
+    run = _Decoding(model, schedule, top_p, generator, record_logits, on_step)
+    batch, length = schedule.order.shape
+    cache = model.new_kv_cache(batch, length)
+    fed = torch.full((batch, 1), model.config.bos_token_id, dtype=run.canvas.dtype, device=run.canvas.device)
+    for positions in schedule.steps():
+        logits = model(fed, positions, kv_cache=cache, cache_append=1)
+        run.decode(positions, logits)
+        fed = run.canvas.gather(1, positions)
+    return run.result()
+
+
+@torch.inference_mode()
+def sample_ar_uncached(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9,
+                       generator: torch.Generator | None = None, record_logits: bool = False,
+                       on_step: OnStep | None = None) -> SamplingResult:
+    """The reference for sample_ar: step i runs the causal network over [BOS, x_0..x_{i-1}]."""
+    run = _Decoding(model, schedule, top_p, generator, record_logits, on_step)
+    batch, _ = schedule.order.shape
+    bos = torch.full((batch, 1), model.config.bos_token_id, dtype=run.canvas.dtype, device=run.canvas.device)
+    for step, positions in enumerate(schedule.steps()):
+        fed = torch.cat((bos, run.canvas[:, :step]), dim=1)
+        logits = model(fed, schedule.order[:, :step + 1], logits_rows=slice(step, step + 1))
+        run.decode(positions, logits)
+    return run.result()
+
+
+def _baseline_mask(model_name: str, kind: int, length: int, block_size: int, device) -> torch.Tensor:
+    """The training mask [1, S, S] of one row of a baseline (esolm_dist.eso.masks), for a full forward."""
+    spec = RowMaskSpec("B", length, torch.tensor([kind]), torch.zeros(1, 2, dtype=torch.long), model_name, block_size)
+    return spec.dense(device)[:, 0]
+
+
+@torch.inference_mode()
+def sample_mdlm(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9,
+                generator: torch.Generator | None = None, record_logits: bool = False,
+                on_step: OnStep | None = None) -> SamplingResult:
+    """The MDLM baseline: every step one bidirectional forward over all L positions in the original
+    order (masks included; MDLM has no cache), S_k sampled from its outputs."""
+    run = _Decoding(model, schedule, top_p, generator, record_logits, on_step)
+    batch, length = schedule.order.shape
+    positions_all = torch.arange(length, device=run.canvas.device).expand(batch, length)
+    mask = _baseline_mask("mdlm", BIDIRECTIONAL, length, 1, run.canvas.device)
+    for positions in schedule.steps():
+        logits = model(run.canvas, positions_all, attn_mask=mask)
+        run.decode(positions, logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1])))
+    return run.result()
+
+
+def _block_of(positions: torch.Tensor, block_size: int) -> int:
+    return int(positions[0, 0]) // block_size
+
+
+def _bd3lm_chunk_mask(query_rows: torch.Tensor, key_rows: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """[1, S, S_kv] of the BD3-LM training predicate at the given indices of the [x_t ; x] row."""
+    kind, unused = torch.tensor(BLOCK_DIFFUSION, device=query_rows.device), torch.zeros((), device=query_rows.device)
+    return row_allowed(query_rows[:, None], key_rows[None, :], kind, unused, unused, length, "B", block_size)[None]
+
+
+@torch.inference_mode()
+def sample_bd3lm(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9,
+                 generator: torch.Generator | None = None, record_logits: bool = False,
+                 on_step: OnStep | None = None) -> SamplingResult:
+    """The BD3-LM baseline (schedule from block_schedule): blocks left to right, diffusion steps
+    within a block (its noisy tokens see each other and the finished blocks), the finished blocks'
+    clean keys/values in the KV cache. As in Eso-LM's Alg. 3 the caching lags one step: the first
+    step of block b also feeds the now clean block b - 1, whose rows the cache then keeps."""
+    run = _Decoding(model, schedule, top_p, generator, record_logits, on_step)
+    batch, length = schedule.order.shape
+    block_size = model.config.block_size
+    device = run.canvas.device
+    cache = model.new_kv_cache(batch, length)
+    block_positions = torch.arange(block_size, device=device)
+    current = -1
+    for positions in schedule.steps():
+        block = _block_of(positions, block_size)
+        noisy = block * block_size + block_positions  # original positions = x_t row indices
+        clean = noisy[:0]
+        if block != current and block > 0:  # feed the finished previous block once, then cache it
+            clean = noisy - block_size
+        current = block
+        chunk = torch.cat((clean, noisy))
+        cached_rows = length + torch.arange(cache.length, device=device)  # x rows of the blocks before
+        mask = _bd3lm_chunk_mask(torch.cat((length + clean, noisy)), torch.cat((cached_rows, length + clean, noisy)),
+                                 length, block_size)
+        logits = model(run.canvas[:, chunk], chunk.expand(batch, -1), attn_mask=mask, kv_cache=cache,
+                       cache_append=len(clean) if len(clean) else None, logits_rows=slice(len(clean), None))
+        offsets = positions - block * block_size
+        run.decode(positions, logits.gather(1, offsets[..., None].expand(-1, -1, logits.shape[-1])))
+    return run.result()
+
+
+@torch.inference_mode()
+def sample_bd3lm_uncached(model: Denoiser, schedule: SamplingSchedule, top_p: float = 0.9,
+                          generator: torch.Generator | None = None, record_logits: bool = False,
+                          on_step: OnStep | None = None) -> SamplingResult:
+    """The reference for sample_bd3lm: every step one forward over the whole training row
+    [x_t ; x] = [canvas ; canvas] with the training mask (x_t block b sees itself and the x blocks
+    before it, which hold the finished blocks), no cache."""
+    run = _Decoding(model, schedule, top_p, generator, record_logits, on_step)
+    batch, length = schedule.order.shape
+    block_size = model.config.block_size
+    mask = _baseline_mask("bd3lm", BLOCK_DIFFUSION, length, block_size, run.canvas.device)
+    positions_all = torch.arange(length, device=run.canvas.device).repeat(2).expand(batch, -1)
+    for positions in schedule.steps():
+        logits = model(run.canvas.repeat(1, 2), positions_all, attn_mask=mask)
+        run.decode(positions, logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1])))
+    return run.result()
+
+
+def model_of(model: Denoiser) -> str:
+    """Which model a network is (its export's config.json "model"; esolm when it has none)."""
+    return getattr(getattr(model, "config", None), "model", "esolm")
+
+
+def check_method(method: str, model_name: str) -> None:
+    """One line when ``method`` cannot sample a ``model_name`` network."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {tuple(METHODS)}")
+    if METHODS[method] != model_name:
+        raise ValueError(f"method {method!r} samples {METHODS[method]} models, this is an {model_name} model; "
+                         f"use method {DEFAULT_METHOD[model_name]!r}")
+
+
+def sample(model: Denoiser, batch_size: int, length: int, *, method: str | None = None, variant: str = "B",
            alpha0: float = 0.25, num_steps: int | None = None, top_p: float = 0.9,
            subcontext_len: int | None = None, subcontext_shuffle: bool = False,
            generator: torch.Generator | None = None, device: torch.device | str = "cpu",
            record_logits: bool = False, on_step: OnStep | None = None) -> SamplingResult:
-    """Draw a schedule (Alg. 2, or the subcontext option) and run one sampler on it.
+    """Draw a schedule and run the model's sampler on it (esolm_dist.eso.METHODS).
 
-    method "eso": Eso-LM (variant "B": sample_eso_b, "A": sample_eso_a); "mdlm": sample_mdlm on
-    the same schedule; "ar": alpha0 = 0, i.e. one token per step left to right, cached.
-    num_steps is T (default: length). The generator (if any) must live on `device`.
+    method (default: the model's own, ``model.config.model``): "eso": Eso-LM, Alg. 2 (or the
+    subcontext option) at alpha0 (variant "B": sample_eso_b, "A": sample_eso_a); "ar": one token
+    per step, cached (NFE = L); "mdlm": first-hitting schedule of T steps at alpha0 = 1 (or the
+    subcontext option), full forward per step; "bd3lm": T / (L / L') steps per block, cached.
+    The baselines ignore alpha0 and variant. A method that cannot sample the model raises a
+    one-line ValueError. num_steps is T (default: length). The generator (if any) must live on
+    `device`. Returns the tokens [B, L] and the NFE (SamplingResult).
     """
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is not one of {METHODS}")
+    model_name = model_of(model)
+    method = method or DEFAULT_METHOD[model_name]
+    check_method(method, model_name)
     if variant not in ("A", "B"):
         raise ValueError(f"variant {variant!r} is not 'A' or 'B'")
     if not 0.0 <= alpha0 <= 1.0:
         raise ValueError(f"alpha0 {alpha0} must lie in [0, 1]")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p {top_p} must lie in (0, 1]")
+    if num_steps is not None and num_steps < 1:
+        raise ValueError(f"num_steps {num_steps} must be positive")
+    if subcontext_len is not None and method in ("ar", "bd3lm"):
+        raise ValueError(f"subcontext_len applies to the eso and mdlm methods, not {method!r}")
     if method == "ar":
-        alpha0 = 0.0
+        schedule = left_to_right_schedule(batch_size, length, device)
+        return sample_ar(model, schedule, top_p, generator, record_logits, on_step)
+    if method == "bd3lm":
+        block_size = model.config.block_size
+        steps_per_block = max(1, (num_steps or length) * block_size // length)
+        schedule = block_schedule(batch_size, length, block_size, steps_per_block, generator)
+        return sample_bd3lm(model, schedule.to(device), top_p, generator, record_logits, on_step)
+    if method == "mdlm":
+        alpha0 = 1.0
     if subcontext_len is not None:
         schedule = subcontext_schedule(batch_size, length, alpha0, subcontext_len, subcontext_shuffle, generator)
-    elif num_steps is not None and num_steps < 1:
-        raise ValueError(f"num_steps {num_steps} must be positive")
     else:
         schedule = first_hitting_schedule(batch_size, length, alpha0, num_steps or length, generator)
     if method == "mdlm":

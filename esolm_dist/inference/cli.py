@@ -1,5 +1,5 @@
-"""`esolm-sample`: draw text samples from an export folder with Eso-LM (paper Alg. 2 + 3) or a
-baseline (MDLM without cache, AR), and report NFE and wall time.
+"""`esolm-sample`: draw text samples from an export folder with its model's sampler (Eso-LM: paper
+Alg. 2 + 3; the baselines AR, MDLM, BD3-LM: esolm_dist.eso.sampling), and report NFE and wall time.
 
 Only argparse at import time: torch and the model are imported once the arguments are read, so
 ``--help`` and a mistyped flag answer at once.
@@ -15,7 +15,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from esolm_dist.cli_help import DefaultsHelpFormatter
-from esolm_dist.eso import METHODS
+from esolm_dist.eso import DEFAULT_METHOD, METHODS
 
 if TYPE_CHECKING:
     from esolm_dist.inference.export_io import Export
@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esolm-sample",
-        description="Sample text from an Eso-LM export folder. Eso-LM (B) decodes with one KV cache "
-                    "over the diffusion and sequential phases; mdlm recomputes all positions every "
-                    "step (same samples, no cache); ar decodes one token per step left to right.",
+        description="Sample text from an export folder with the sampler of its model (config.json "
+                    '"model"): eso (Eso-LM (B): one KV cache over the diffusion and sequential phases), '
+                    "ar (one token per step, KV cache), mdlm (a full bidirectional forward per step, no "
+                    "cache), bd3lm (blocks left to right, finished blocks in the KV cache).",
         formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", required=True, metavar="EXPORT_DIR",
                         help="export folder (model.safetensors, config.json, tokenizer.json, README.md)")
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="expected fraction decoded by diffusion (default: the export's alpha0)")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass, 1 = no nucleus")
     parser.add_argument("--seed", type=int, default=0, help="seed of the schedule and the sampling noise")
-    parser.add_argument("--method", choices=METHODS, default="eso", help="sampler")
+    parser.add_argument("--method", choices=tuple(METHODS), default=None,
+                        help="sampler (default: the export's model's; each export has exactly one)")
     parser.add_argument("--variant", choices=("A", "B"), default=None,
                         help="Eso-LM variant for --method eso (default: the export's variant)")
     parser.add_argument("--subcontext-len", type=int, default=None, metavar="S",
@@ -52,14 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_args(args: argparse.Namespace, max_seq_len: int) -> str | None:
+def _check_args(args: argparse.Namespace, config) -> str | None:
     """The first problem with the arguments, as one line, or None."""
     import torch
 
     from esolm_dist.inference.export_io import CONFIG_FILE
 
-    if not 1 <= args.length <= max_seq_len:
-        return f"--length {args.length} must lie in [1, {max_seq_len}] (max_seq_len in {args.model}/{CONFIG_FILE})"
+    if not 1 <= args.length <= config.max_seq_len:
+        return (f"--length {args.length} must lie in [1, {config.max_seq_len}] (max_seq_len in "
+                f"{args.model}/{CONFIG_FILE})")
     if args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
         return "--num-samples and --batch-size must be positive"
     if args.steps is not None and args.steps < 1:
@@ -68,16 +71,27 @@ def _check_args(args: argparse.Namespace, max_seq_len: int) -> str | None:
         return f"--top-p must lie in (0, 1], got {args.top_p}"
     if args.alpha0 is not None and not 0.0 <= args.alpha0 <= 1.0:
         return f"--alpha0 must lie in [0, 1], got {args.alpha0}"
+    if METHODS[method_of(args, config.model)] != config.model:
+        return (f"--method {args.method} samples {METHODS[args.method]} models, but {args.model} is an "
+                f"{config.model} export (\"model\" in {CONFIG_FILE}); use --method {DEFAULT_METHOD[config.model]} "
+                "or leave --method out")
+    if config.model == "bd3lm" and args.length % config.block_size:
+        return f"--length {args.length} must be a multiple of the export's block_size {config.block_size} (bd3lm)"
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda: no CUDA device is visible; use --device cpu"
     return None
+
+
+def method_of(args: argparse.Namespace, model: str) -> str:
+    """--method, or the export's model's own sampler."""
+    return args.method or DEFAULT_METHOD[model]
 
 
 def settings(args: argparse.Namespace, export: Export) -> dict:
     """What produced the samples, resolved (the export's defaults filled in); written with each sample."""
     from esolm_dist.inference.export_io import CONFIG_FILE
 
-    return {"method": args.method, "variant": args.variant or export.config.variant,
+    return {"method": method_of(args, export.config.model), "model_kind": export.config.model, "variant": args.variant or export.config.variant,
             "alpha0": export.config.alpha0 if args.alpha0 is None else args.alpha0,
             "steps": None if args.subcontext_len is not None else args.steps or args.length,
             "subcontext_len": args.subcontext_len, "subcontext_shuffle": args.subcontext_shuffle,
@@ -99,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as err:
         print(f"esolm-sample: error: {err}", file=sys.stderr)
         return 2
-    problem = _check_args(args, export.config.max_seq_len)
+    problem = _check_args(args, export.config)
     if problem:
         print(f"esolm-sample: error: {problem}", file=sys.stderr)
         return 2
@@ -113,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                       "positions") as progress:
             while len(records) < args.num_samples:
                 result = sample(model, min(batch_size, args.num_samples - len(records)), args.length,
-                                method=args.method, variant=recorded["variant"], alpha0=recorded["alpha0"],
+                                method=recorded["method"], variant=recorded["variant"], alpha0=recorded["alpha0"],
                                 num_steps=args.steps, top_p=args.top_p, subcontext_len=args.subcontext_len,
                                 subcontext_shuffle=args.subcontext_shuffle, generator=generator, device=args.device,
                                 on_step=progress.update)
@@ -126,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esolm-sample: error: {err}", file=sys.stderr)
         return 2
     _emit(records, args.out)
-    print(f"esolm-sample: {len(records)} samples of {args.length} tokens, method {args.method}, "
+    print(f"esolm-sample: {len(records)} samples of {args.length} tokens, method {recorded['method']}, "
           f"NFE per batch {sorted({r['nfe'] for r in records})}, wall time {total_time:.2f} s, "
           f"attention {model.attention_backend}", file=sys.stderr)
     return 0

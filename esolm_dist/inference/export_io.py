@@ -21,6 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from esolm_dist.eso import MODELS, model_alpha0
+
 EXPORT_FORMAT = "esolm-export-v1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -30,6 +32,7 @@ MASK_TOKEN = "[MASK]"
 EOS_TOKEN = "<|endoftext|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _REGENERATE = "re-run esolm-convert to rebuild the export"
+_OPTIONAL_KEYS = {"model": "esolm", "block_size": 1}  # absent from exports written before the baselines
 
 
 # The model card's line naming the MLflow run that trained the model (esolm-eval links its run to it)
@@ -58,6 +61,13 @@ class ExportConfig:
     variant: str
     alpha0: float
     dtype: str
+    model: str = "esolm"  # esolm | ar | mdlm | bd3lm (eso.model); exports written before it are Eso-LMs
+    block_size: int = 1  # L' of a bd3lm export
+
+    @property
+    def bos_token_id(self) -> int:
+        """The AR baseline's first input (the EOS id, as in GPT-2)."""
+        return self.eos_token_id
 
     @property
     def head_dim(self) -> int:
@@ -74,6 +84,7 @@ class ExportConfig:
     def from_dict(cls, raw: Mapping, source: str) -> ExportConfig:
         """Check keys, JSON types and values of `raw`; `source` names the file in errors."""
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        raw = {**_OPTIONAL_KEYS, **raw}
         missing = [name for name in fields if name not in raw]
         if missing:
             raise ExportError(f"{source}: missing key(s) {missing}; {_REGENERATE}")
@@ -97,6 +108,10 @@ class ExportConfig:
         for name in ("mask_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 problems.append(f'"{name}" must lie in [0, vocab_size)')
+        if self.model not in MODELS:
+            problems.append(f'"model" must be one of {list(MODELS)}')
+        if self.block_size < 1 or self.max_seq_len % max(self.block_size, 1):
+            problems.append('"block_size" must be positive and divide "max_seq_len"')
         if self.variant not in ("A", "B"):
             problems.append('"variant" must be "A" or "B"')
         if not 0.0 <= self.alpha0 <= 1.0:
@@ -285,7 +300,8 @@ def export_config(meta: dict, weights: dict[str, torch.Tensor], tokenizer, dtype
         "ffn_hidden_size": m["ffn_hidden_size"] or 4 * m["hidden_size"], "rotary_base": float(m["rotary_base"]),
         "layernorm_eps": float(m["layernorm_eps"]), "mask_token_id": meta["mask_id"],
         "eos_token_id": tokenizer.eos_id, "max_seq_len": m["seq_len"], "variant": e["variant"],
-        "alpha0": float(e["alpha0"]), "dtype": dtype,
+        "alpha0": model_alpha0(e.get("model", "esolm"), e["alpha0"]), "dtype": dtype, "model": e.get("model", "esolm"),
+        "block_size": e.get("block_size", 1) if e.get("model") == "bd3lm" else 1,
     }, "the checkpoint's config")
 
 

@@ -45,6 +45,9 @@ def evaluate_likelihood(model: EsoLM, batches, num_orders: int, alpha0: float, s
     from esolm_dist.eso.likelihood import importance_weighted_nll
     from esolm_dist.inference.export_io import ExportError
 
+    if model.config.model != "esolm":
+        raise ExportError(f"the importance-weighted bound is Eso-LM's; this is an {model.config.model} export "
+                          "(config.json \"model\")")
     if model.config.variant != "B":
         raise ExportError("the exact likelihood needs causal attention in sorted order: Eso-LM (B) exports only")
     generator = torch.Generator().manual_seed(seed)

@@ -18,15 +18,17 @@ from esolm_dist.eso.rows import EsoRows
 class EsoObjective(nn.Module):
     """forward(rows as tensors) -> {"loss", "loss_diffusion", "loss_sequential"} (per-token NELBO)."""
 
-    def __init__(self, network: nn.Module, variant: str, seq_len: int):
+    def __init__(self, network: nn.Module, variant: str, seq_len: int, model: str = "esolm", block_size: int = 1):
         super().__init__()
         self.network = network
         self.variant = variant
         self.seq_len = seq_len
+        self.model = model  # eso.model: which rows and masks (esolm_dist.eso.masks)
+        self.block_size = block_size
 
     def masks(self, kinds: torch.Tensor, n_clean: torch.Tensor) -> RowMaskSpec:
         """The attention masks of a batch of rows, from their kinds and clean-token counts."""
-        return RowMaskSpec(self.variant, self.seq_len, kinds, n_clean)
+        return RowMaskSpec(self.variant, self.seq_len, kinds, n_clean, self.model, self.block_size)
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor, loss_weight: torch.Tensor,
