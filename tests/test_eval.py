@@ -200,3 +200,66 @@ def test_the_model_card_of_an_export_names_its_training_run(tmp_path):
     assert read_training_run(tmp_path) == (TRAINING_RUN[0], config["logging"]["mlflow_uri"])
     (tmp_path / "README.md").write_text(model_card({**meta, "mlflow_run_id": None}, tmp_path, use_ema=True))
     assert read_training_run(tmp_path) is None
+
+
+def baseline_export(root: Path, model: str, tokenizer_source: Path) -> Path:
+    """A random-weight export of one baseline model (config.json "model")."""
+    config = {**EXPORT_CONFIG, "model": model, "block_size": 4}
+    torch.manual_seed(1)
+    weights = EsoLM(ExportConfig.from_dict(config, "test config"), 300).state_dict()
+    return write_export(root / model, config, weights, tokenizer_source, f"# tiny {model}\n")
+
+
+def test_gen_ppl_under_an_ar_export_is_exp_of_its_prefix_nlls(export_dir, tmp_path):
+    """The evaluator may be an esolm-dist `ar` export. Expected NLLs come from one forward per prefix
+    ([BOS], [BOS, x0], ...: input position i holds the token before target i), not from the causal mask
+    of one forward; catches a missing shift, scoring the chunk's first token, and the wrong BOS."""
+    from esolm_dist.evaluation.evaluator import ArExportEvaluator
+    from esolm_dist.inference.export_io import read_export
+
+    path = baseline_export(tmp_path, "ar", export_dir / "tokenizer.json")
+    evaluator = ArExportEvaluator(str(path))
+    assert evaluator.context_len == EXPORT_CONFIG["max_seq_len"] + 1 and evaluator.bos_id == 0
+    model = EsoLM.from_export(read_export(path), "cpu", torch.float32).eval()
+
+    def prefix_nll(chunk):
+        total = 0.0
+        for i in range(1, len(chunk)):
+            with torch.no_grad():
+                logits = model(torch.tensor([chunk[:i]]), torch.arange(i)[None])[0, -1].double()
+            total -= float(logits.log_softmax(-1)[chunk[i]])
+        return total
+
+    sequences = [[0, *range(5, 60)], [0, 7, 8]]  # 56 tokens: chunks of 33 and 23 (context 33)
+    got = sample_nll(evaluator, sequences)
+    want = [(prefix_nll(s[:33]) + prefix_nll(s[33:]), 32 + 22) for s in sequences[:1]] + [(prefix_nll(sequences[1]), 2)]
+    for (a, n), (b, m) in zip(got, want, strict=True):
+        assert n == m and abs(a - b) < 1e-6 * abs(b)
+    assert abs(perplexity(got) - math.exp(sum(b for b, _ in want) / 56)) < 1e-6 * perplexity(got)
+
+
+def test_an_mdlm_export_is_refused_as_evaluator_in_one_line(export_dir, tmp_path, capsys):
+    path = baseline_export(tmp_path, "mdlm", export_dir / "tokenizer.json")
+    with pytest.raises(SystemExit, match=r"^esolm-eval: error: --evaluator \S+: \S+ is an mdlm export; an "
+                                         r"evaluator export must be eso.model=ar$"):
+        cli.main(["--model", str(export_dir), "--evaluator", str(path), "--num-samples", "1", "--length", "8",
+                  "--steps", "2", "--no-mlflow", "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("ar", [("ar", 2, 0.0)]),  # AR: one setting, NFE = L whatever T
+    ("mdlm", [("mdlm", 2, 1.0), ("mdlm", 8, 1.0)]),
+    ("bd3lm", [("bd3lm", 8, 1.0), ("bd3lm", 24, 1.0)]),
+])
+def test_baseline_exports_are_evaluated_with_their_own_sampler(export_dir, evaluator_dir, tmp_path, model, expected):
+    path = baseline_export(tmp_path, model, export_dir / "tokenizer.json")
+    steps = ["8", "24"] if model == "bd3lm" else ["2", "8"]  # bd3lm: at least one step per block of 4
+    args = ["--model", str(path), "--evaluator", str(evaluator_dir), "--num-samples", "2", "--length", "24",
+            "--steps", *steps, "--batch-size", "2", "--seed", "1", "--no-mlflow", "--out", str(tmp_path / "out")]
+    assert cli.main(args) == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["method"], r["steps"], r["alpha0"]) for r in rows] == expected
+    if model == "ar":
+        assert rows[0]["nfe"] == 24  # one token per step
+    else:
+        assert all(r["nfe"] <= r["steps"] for r in rows)

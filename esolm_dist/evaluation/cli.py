@@ -71,8 +71,15 @@ def _check_args(args: argparse.Namespace, max_seq_len: int) -> str | None:
 
 def _load_evaluator(args: argparse.Namespace, device: str):
     """The evaluator, or one line saying why it cannot be loaded."""
-    from esolm_dist.evaluation.evaluator import CausalLMEvaluator
+    from esolm_dist.evaluation.evaluator import ArExportEvaluator, CausalLMEvaluator, is_esolm_export
 
+    if is_esolm_export(args.evaluator):
+        from esolm_dist.inference.export_io import ExportError
+
+        try:
+            return ArExportEvaluator(args.evaluator, device=device, batch_size=args.eval_batch_size)
+        except (ExportError, ValueError) as err:
+            raise SystemExit(f"esolm-eval: error: --evaluator {args.evaluator}: {err}") from None
     try:
         return CausalLMEvaluator(args.evaluator, device=device, batch_size=args.eval_batch_size)
     except (OSError, ValueError) as err:

@@ -62,3 +62,50 @@ class CausalLMEvaluator:
             nll = -logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
             sums.extend(nll.double().masked_fill(~valid[:, 1:], 0.0).sum(dim=1).tolist())
         return sums
+
+
+class ArExportEvaluator:
+    """An esolm-dist `ar` export as the evaluator: the shift-by-one causal LM of eso.model=ar (input
+    position i holds the token before target i, the EOS standing in as BOS), with its own tokenizer.
+    A chunk of up to max_seq_len + 1 tokens is one forward of its first max_seq_len tokens."""
+
+    def __init__(self, export_dir: str, device: str = "cpu", batch_size: int = 16):
+        from esolm_dist.inference.export_io import read_export
+        from esolm_dist.inference.model import EsoLM
+
+        export = read_export(export_dir)
+        if export.config.model != "ar":
+            raise ValueError(f"{export_dir} is an {export.config.model} export; an evaluator export must be "
+                             "eso.model=ar")
+        self.tokenizer = export.tokenizer
+        self.model = EsoLM.from_export(export, device, torch.float32).eval()
+        self.context_len = export.config.max_seq_len + 1
+        self.bos_id = self.eos_id = export.config.eos_token_id
+        self.device = device
+        self.batch_size = batch_size
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    @torch.inference_mode()
+    def chunk_nll(self, chunks: list[list[int]]) -> list[float]:
+        sums = []
+        for chunk in chunks:  # one chunk per forward: the default causal mask, no padding
+            ids = torch.tensor(chunk, device=self.device)
+            inputs, targets = ids[None, :-1], ids[1:]
+            positions = torch.arange(inputs.shape[1], device=self.device)[None]
+            logits = self.model(inputs, positions).float()[0]
+            sums.append(float(-logits.log_softmax(-1).gather(-1, targets[:, None]).double().sum()))
+        return sums
+
+
+def is_esolm_export(path: str) -> bool:
+    """Whether ``path`` is an esolm-dist export folder (its config.json) rather than a transformers model."""
+    from esolm_dist.inference.export_io import CONFIG_FILE
+
+    folder = Path(path)
+    if not (folder / CONFIG_FILE).is_file():
+        return False
+    import json
+
+    return json.loads((folder / CONFIG_FILE).read_text()).get("format", "").startswith("esolm-export")

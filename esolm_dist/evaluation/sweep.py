@@ -13,6 +13,7 @@ import statistics
 import numpy as np
 import torch
 
+from esolm_dist.eso import DEFAULT_METHOD, METHODS, model_alpha0
 from esolm_dist.eso.sampling import sample
 from esolm_dist.evaluation.entropy import unigram_entropy
 from esolm_dist.evaluation.evaluator import Evaluator
@@ -28,15 +29,16 @@ class Setting:
 
 
 def export_method(export: Export) -> str:
-    """The sampler an export is evaluated with. Today every export is an Eso-LM; when baseline exports
-    (MDLM, AR) get their own model types, this reads the type from the export."""
-    return "eso"
+    """The sampler an export is evaluated with: its model's own (config.json "model")."""
+    return DEFAULT_METHOD[export.config.model]
 
 
 def settings_grid(method: str, steps: list[int], alpha0s: list[float]) -> list[Setting]:
-    """Every (T, alpha0) for the method, in the order given; AR ignores alpha0 (it is 0)."""
-    if method == "ar":
-        alpha0s = [0.0]
+    """Every (T, alpha0) for the method, in the order given. Only Eso-LM has an alpha0 to sweep: the
+    baselines' is fixed by their model (0 for AR, which also has one setting whatever T: NFE = L)."""
+    if method != "eso":
+        fixed = model_alpha0(METHODS[method], 0.0)
+        return [Setting(method, t, fixed) for t in (steps[:1] if method == "ar" else steps)]
     return [Setting(method, t, a) for t in steps for a in alpha0s]
 
 
