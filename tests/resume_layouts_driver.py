@@ -91,7 +91,7 @@ def run_config(name: str, out: Path, shard_dir: str):
         "train.micro_batch_size=4", "train.global_batch_size=16", "train.log_every=1", "train.eval_batches=1",
         f"train.max_steps={RESUMED_STEPS if run.resume_from else SOURCE_STEPS}", f"train.eval_every={RESUMED_STEPS}",
         f"train.save_every={SOURCE_STEPS}", "train.keep_last=2", f"train.resume={str(bool(run.resume_from)).lower()}",
-        "optim.warmup_steps=3", "optim.lr=3e-3", "optim.ema=0.9", "optim.grad_clip=1.0",
+        "optim.warmup_steps=4", "optim.lr=3e-3", "optim.ema=0.9", "optim.grad_clip=1.0",
         f"parallel.tensor={run.tensor}", f"parallel.pipeline={run.pipeline}", f"parallel.zero_stage={run.zero_stage}",
         "parallel.precision=fp32", "parallel.device=cpu"])
 
