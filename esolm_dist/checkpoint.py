@@ -226,9 +226,9 @@ def check_fits(meta: dict, directory: Path, model_config: dict) -> None:
                               "checkpoint's values to resume it, or give the new model its own train.run_dir")
 
 
-def load(engine, directory: Path, topo: Topology, meta: dict) -> dict:
-    """Restore the engine in place from a checkpoint of this run's layout (``meta``: its esolm.json,
-    checked by check_fits and layout_change); returns this rank's state. No file can run code."""
+def load(engine, directory: Path, topo: Topology) -> dict:
+    """Restore the engine in place from a checkpoint of this run's layout (checked first by check_fits
+    and layout_change); returns this rank's state. No file can run code."""
     try:
         with weights_only_loads():
             loaded, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name,

@@ -291,7 +291,7 @@ class Trainer:
         checkpoint.check_fits(meta, latest, to_dict(self.cfg)["model"])
         change = checkpoint.layout_change(meta, topo, self.cfg.parallel.zero_stage)
         if change is None:
-            rank_state = checkpoint.load(self.engine.deepspeed, latest, topo, meta)
+            rank_state = checkpoint.load(self.engine.deepspeed, latest, topo)
         else:
             rank_state = load_resharded(self.engine.deepspeed, self.ema, latest, meta, topo)
             self.say(f"esolm-train: resuming step {meta['step']} {change}: weights, optimizer state"

@@ -18,7 +18,8 @@ source's global batches and noise, steps 3-4 with the target's (single_as_dp<d> 
 tests/parallel_driver.py). Until the data reader's position is layout-free (a global order), a
 reader state saved at one DP size cannot be loaded at another: a run that resumes at another DP size
 (and its reference) starts the new layout's data stream from the beginning (``fresh_data``); the
-PP2 -> one-process case keeps DP=1 and continues the saved data stream exactly.
+PP2 -> one-process and one-process -> TP2 x PP2 cases keep DP=1 and continue the saved data stream
+exactly.
 """
 
 from __future__ import annotations
@@ -70,12 +71,15 @@ RUNS = {
     "dp4_zero1_from_tp2_pp2_zero1": Run(4, zero_stage=1, resume_from="tp2_pp2_zero1", fresh_data=True),
     "single_from_pp2": Run(1, resume_from="pp2", phase="last"),
     "dp2_zero3_from_single": Run(2, zero_stage=3, resume_from="single", fresh_data=True),
+    # and into a pipeline (DP=1 on both sides: the data stream continues)
+    "tp2_pp2_zero1_from_single": Run(4, tensor=2, pipeline=2, zero_stage=1, resume_from="single"),
 }
 CASES = {  # resumed run: its reference (the source's reference is the resumed reference's source)
     "tp2_from_dp2_zero2": "ref_dp2_then_single",
     "dp4_zero1_from_tp2_pp2_zero1": "ref_single_then_dp4",
     "single_from_pp2": "ref_single_then_single",
     "dp2_zero3_from_single": "ref_single_then_dp2",
+    "tp2_pp2_zero1_from_single": "ref_single_then_single",
 }
 SOURCE_STEPS, RESUMED_STEPS = 2, 4
 

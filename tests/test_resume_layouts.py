@@ -5,6 +5,8 @@ that resumes a world-size-2 checkpoint on one process). The issue's four layout 
 
     DP2 ZeRO-2 -> TP2;  TP2 x PP2 (ZeRO-1) -> DP4 ZeRO-1;  PP2 -> one process;  one process -> DP2 ZeRO-3
 
+and one into a pipeline: one process -> TP2 x PP2 (ZeRO-1).
+
 Each source trains 2 steps and saves; its resume trains steps 3-4. Checked:
 - right after the resume, the new layout's consolidated weights, EMA weights, fp32 master weights and
   Adam moments equal the source's at its save bit for bit, and so do the step, the learning rate, Adam's
@@ -42,6 +44,7 @@ MESSAGES = {
     "dp4_zero1_from_tp2_pp2_zero1": "TP2 x PP2 x DP1 (ZeRO-1) in TP1 x PP1 x DP4 (ZeRO-1)",
     "single_from_pp2": "TP1 x PP2 x DP1 (ZeRO-0) in TP1 x PP1 x DP1 (ZeRO-0)",
     "dp2_zero3_from_single": "TP1 x PP1 x DP1 (ZeRO-0) in TP1 x PP1 x DP2 (ZeRO-3)",
+    "tp2_pp2_zero1_from_single": "TP1 x PP1 x DP1 (ZeRO-0) in TP2 x PP2 x DP1 (ZeRO-1)",
 }
 
 
