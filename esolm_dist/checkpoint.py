@@ -10,6 +10,8 @@ Layout of ``RUN_DIR/checkpoints``::
 A save goes to ``step_N.partial`` and is renamed only after every rank has finished, so a
 crash mid-save never leaves a directory that ``latest`` points to or that resume accepts.
 Pruning removes only older steps of the same run (its ``run_uid``), never the step just saved.
+A resume in the layout that wrote the checkpoint is DeepSpeed's own load (``load``); one in another
+layout (TP x PP x DP or ZeRO stage) goes through esolm_dist.reshard.
 Every file is read weights-only (esolm_dist.safe_load): a checkpoint cannot run code.
 """
 
@@ -33,6 +35,7 @@ from esolm_dist.atomic_io import write_atomically
 from esolm_dist.errors import CheckpointError
 from esolm_dist.parallel.state import Topology
 from esolm_dist.safe_load import load_file, refusal, weights_only_loads
+from esolm_dist.weight_layout import network_parameters
 
 LATEST = "latest"
 META = "esolm.json"
@@ -80,12 +83,41 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def reseed(seed: int, step: int, dp_rank: int) -> None:
+    """Generators of a rank that resumes in another layout (the old ranks' states do not map 1:1 onto
+    the new ones): seeded from (seed, step, DP rank), so the same resume draws the same dropout."""
+    value = (seed * 1_000_003 + step) * 7919 + dp_rank
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+
+
 def _rank_file(directory: Path, rank: int) -> Path:
     return directory / f"rank_{rank:05d}.pt"
 
 
 def layout_of(topo: Topology) -> dict:
     return {"tensor": topo.tp_size, "pipeline": topo.pp_size, "data": topo.dp_size}
+
+
+def describe_layout(layout: dict, zero_stage: int) -> str:
+    """``TP2 x PP2 x DP1 (ZeRO-1)``."""
+    return f"TP{layout['tensor']} x PP{layout['pipeline']} x DP{layout['data']} (ZeRO-{zero_stage})"
+
+
+def layout_change(meta: dict, topo: Topology, zero_stage: int) -> str | None:
+    """None when this run has the checkpoint's layout and ZeRO stage, else "written with A in B"."""
+    saved_stage = meta["config"]["parallel"]["zero_stage"]
+    if meta["layout"] == layout_of(topo) and saved_stage == zero_stage:
+        return None
+    return (f"written with {describe_layout(meta['layout'], saved_stage)} in "
+            f"{describe_layout(layout_of(topo), zero_stage)}")
+
+
+def optimizer_parameter_names(module: torch.nn.Module) -> list[str]:
+    """The network names of ``module``'s parameters in the order the optimizer holds them (ZeRO-0
+    keeps torch's optimizer state keyed by position only)."""
+    return [network for _, network, _ in network_parameters(module)]
 
 
 def save(engine, run_dir: str | Path, step: int, meta: dict, rank_state: dict, topo: Topology,
@@ -97,7 +129,7 @@ def save(engine, run_dir: str | Path, step: int, meta: dict, rank_state: dict, t
     engine.save_checkpoint(str(root), tag=partial_tag, save_latest=False)
     partial = root / partial_tag
     rank_tmp = _rank_file(partial, topo.rank).with_suffix(".tmp")
-    torch.save(rank_state, rank_tmp)
+    torch.save({**rank_state, "optimizer_parameters": optimizer_parameter_names(engine.module)}, rank_tmp)
     os.replace(rank_tmp, _rank_file(partial, topo.rank))
     dist.barrier()
     if topo.rank == 0:
@@ -210,24 +242,19 @@ META_KEYS = ("step", "layout", "config", "consumed_samples", "tokenizer_vocab", 
 MODEL_SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_pad_multiple")
 
 
-def check_fits(meta: dict, directory: Path, model_config: dict, topo: Topology) -> None:
-    """The checkpoint was written by this model size and layout; otherwise one line naming the keys."""
+def check_fits(meta: dict, directory: Path, model_config: dict) -> None:
+    """The checkpoint was written by this model size; otherwise one line naming the keys."""
     saved = meta["config"].get("model", {})
     differing = [f"model.{key}={saved.get(key)} (this run: {model_config[key]})" for key in MODEL_SHAPE_KEYS
                  if saved.get(key) != model_config[key]]
     if differing:
         raise CheckpointError(f"{directory} is of another model size: {', '.join(differing)}; set those keys to the "
                               "checkpoint's values to resume it, or give the new model its own train.run_dir")
-    if meta["layout"] != layout_of(topo):
-        raise CheckpointError(f"{directory} was written with layout {meta['layout']} but this run uses "
-                              f"{layout_of(topo)}; resume with the same parallel layout (tools/convert.py "
-                              "exports to any layout)")
 
 
-def load(engine, directory: Path, topo: Topology, model_config: dict) -> tuple[dict, dict]:
-    """Restore the engine in place; returns (meta, this rank's state). No file can run code."""
-    meta = read_meta(directory)
-    check_fits(meta, directory, model_config, topo)
+def load(engine, directory: Path, topo: Topology) -> dict:
+    """Restore the engine in place from a checkpoint of this run's layout (checked first by check_fits
+    and layout_change); returns this rank's state. No file can run code."""
     try:
         with weights_only_loads():
             loaded, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name,
@@ -239,7 +266,12 @@ def load(engine, directory: Path, topo: Topology, model_config: dict) -> tuple[d
                               "truncated or corrupt: point latest at an earlier step_* directory") from None
     if loaded is None:
         raise CheckpointError(f"DeepSpeed found no model files in {directory}; point latest at a complete checkpoint")
-    rank_path = _rank_file(directory, topo.rank)
+    return load_rank_state(directory, topo.rank)
+
+
+def load_rank_state(directory: Path, rank: int) -> dict:
+    """What rank ``rank`` of the writing layout kept in rank_XXXXX.pt."""
+    rank_path = _rank_file(directory, rank)
     try:
         rank_state = load_file(rank_path)
     except CheckpointError:
@@ -247,4 +279,4 @@ def load(engine, directory: Path, topo: Topology, model_config: dict) -> tuple[d
     except (OSError, RuntimeError, EOFError) as exc:
         raise CheckpointError(f"{rank_path} is missing or truncated ({exc.__class__.__name__}); the checkpoint is "
                               "incomplete: point latest at an earlier step_* directory") from None
-    return meta, rank_state
+    return rank_state

@@ -33,6 +33,7 @@ from esolm_dist.eso.rows import noise_generator
 from esolm_dist.inference.export_io import ExportError
 from esolm_dist.meter import StepMeter
 from esolm_dist.parallel.state import Topology, check_layout, decided_on_rank0, init_parallel, launch_env
+from esolm_dist.reshard import load_resharded
 from esolm_dist.run_lock import RunLock, RunLockError
 from esolm_dist.signals import StopRequest
 
@@ -290,15 +291,26 @@ class Trainer:
         latest = self.checkpoint_to_resume()
         if latest is None:
             return
-        state = self.state
-        meta, rank_state = checkpoint.load(self.engine.deepspeed, latest, self.topo, to_dict(self.cfg)["model"])
+        state, topo = self.state, self.topo
+        meta = checkpoint.read_meta(latest)
+        checkpoint.check_fits(meta, latest, to_dict(self.cfg)["model"])
+        change = checkpoint.layout_change(meta, topo, self.cfg.parallel.zero_stage)
+        if change is None:
+            rank_state = checkpoint.load(self.engine.deepspeed, latest, topo)
+        else:
+            rank_state = load_resharded(self.engine.deepspeed, self.ema, latest, meta, topo)
+            self.say(f"esolm-train: resuming step {meta['step']} {change}: weights, optimizer state"
+                     f"{' and EMA' if self.ema is not None else ''} resharded")
         state.step = state.saved_at = meta["step"]
         state.consumed_samples = meta["consumed_samples"]
         state.run_uid = meta.get("run_uid") or state.run_uid
         state.mlflow_run_id = meta.get("mlflow_run_id")
         state.last_val_nelbo = meta.get("val_nelbo")
         state.best_val_nelbo = meta.get("best_val_nelbo")
-        checkpoint.set_rng_state(rank_state["rng"])
+        if rank_state["rng"] is None:  # another layout: see esolm_dist.reshard
+            checkpoint.reseed(self.cfg.train.seed, state.step, topo.dp_rank)
+        else:
+            checkpoint.set_rng_state(rank_state["rng"])
         self.train_loader.load_state_dict(rank_state["data"])
         if self.ema is not None and rank_state.get("ema") is not None:
             self.ema.load_state_dict(rank_state["ema"])

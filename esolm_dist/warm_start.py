@@ -1,8 +1,8 @@
 """``train.init_from``: a new run starts from the weights of an export or of a checkpoint of any layout.
 
 Only the weights carry over; the step, optimizer state, learning-rate schedule, data order and
-MLflow run start fresh. This is how a model moves to another TP x PP layout (a resumed run keeps
-the layout that wrote it) or is fine-tuned from an export.
+MLflow run start fresh. This is how a model starts a new run in another layout (a resumed run may change
+any layout too, with its optimizer state: esolm_dist.reshard) or is fine-tuned from an export.
 
 Every rank reads the whole source (one model's fp32 weights, in EsoTransformer's names) and
 copies in what it holds: its pipeline stage's parameters, each cut to this TP rank's slice along

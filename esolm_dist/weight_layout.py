@@ -198,7 +198,7 @@ def tensor_parallel_slice(full: torch.Tensor, param: nn.Parameter, name: str, tp
     cut or zero-padded to this layout's padded vocabulary (rows past the tokenizer's are never used)."""
     dim = tensor_parallel_dim(param) if tp_size > 1 else None
     if name in VOCAB_ROWS:
-        rows = param.shape[0] * (tp_size if dim is not None else 1)
+        rows = local_shape(param)[0] * (tp_size if dim is not None else 1)
         if full.shape[0] >= rows:
             full = full[:rows]
         else:
@@ -211,6 +211,20 @@ def tensor_parallel_slice(full: torch.Tensor, param: nn.Parameter, name: str, tp
 # ---- ZeRO-3 pieces ------------------------------------------------------------------------------------
 def is_zero3_partitioned(param: nn.Parameter) -> bool:
     return hasattr(param, "ds_tensor")
+
+
+def local_shape(param: nn.Parameter) -> torch.Size:
+    """The shape of this TP rank's tensor (under ZeRO-3 ``param`` itself is an empty placeholder)."""
+    return param.ds_shape if is_zero3_partitioned(param) else param.shape
+
+
+def zero3_partition(full: torch.Tensor, dp_rank: int, dp_size: int) -> torch.Tensor:
+    """DP rank ``dp_rank``'s flat ZeRO-3 partition of ``full``: equal slices of ceil(numel / dp_size),
+    the last one zero-padded (the inverse of unpartition_zero3)."""
+    size = -(-full.numel() // dp_size)
+    flat = full.flatten()
+    flat = torch.cat([flat, flat.new_zeros(size * dp_size - flat.numel())])
+    return flat[dp_rank * size:(dp_rank + 1) * size]
 
 
 def unpartition_zero3(partitions: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
