@@ -153,7 +153,13 @@ class InterleavedLoader:
                     yield next(stream)
 
     def state_dict(self) -> dict:
-        return {"ranks": [loader.state_dict() for loader in self.loaders]}
+        """The position in the global order (every rank's loader is at the same one after a step), which
+        loads under any DP size, like a real run's."""
+        return self.loaders[0].state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        for loader in self.loaders:
+            loader.load_state_dict(state)
 
 
 def run_layout(name: str, out: Path, shard_dir: str) -> None:

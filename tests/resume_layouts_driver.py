@@ -15,11 +15,8 @@ and DeepSpeed's own safe_get_full_* API (independently of esolm_dist.reshard, wh
 
 The references run at world size 1 and compute what the resumed layouts compute: steps 1-2 with the
 source's global batches and noise, steps 3-4 with the target's (single_as_dp<d> as in
-tests/parallel_driver.py). Until the data reader's position is layout-free (a global order), a
-reader state saved at one DP size cannot be loaded at another: a run that resumes at another DP size
-(and its reference) starts the new layout's data stream from the beginning (``fresh_data``); the
-PP2 -> one-process and one-process -> TP2 x PP2 cases keep DP=1 and continue the saved data stream
-exactly.
+tests/parallel_driver.py). The data reader's position is one place in the global order
+(esolm_dist.data.plan), so every resumed run, at any DP size, continues the saved data stream.
 """
 
 from __future__ import annotations
@@ -50,7 +47,6 @@ class Run:
     zero_stage: int = 0
     emulated_dp: int = 1  # world size 1 only: feed the batches of a DP=emulated_dp run
     resume_from: str = ""  # resume a copy of this earlier run's folder (to step 4); else a source (to step 2)
-    fresh_data: bool = False  # the resumed layout's data stream starts at its beginning (see the docstring)
     phase: str = "first"  # world-size-1 runs: "last" ones resume checkpoints of the parallel launches
 
 
@@ -62,15 +58,15 @@ RUNS = {
     "pp2": Run(2, pipeline=2),
     "tp2_pp2_zero1": Run(4, tensor=2, pipeline=2, zero_stage=1),
     # references (world size 1, same layout: DeepSpeed's own resume)
-    "ref_dp2_then_single": Run(1, resume_from="ref_dp2", fresh_data=True),
-    "ref_single_then_dp4": Run(1, emulated_dp=4, resume_from="single", fresh_data=True),
+    "ref_dp2_then_single": Run(1, resume_from="ref_dp2"),
+    "ref_single_then_dp4": Run(1, emulated_dp=4, resume_from="single"),
     "ref_single_then_single": Run(1, resume_from="single"),
-    "ref_single_then_dp2": Run(1, emulated_dp=2, resume_from="single", fresh_data=True),
+    "ref_single_then_dp2": Run(1, emulated_dp=2, resume_from="single"),
     # the issue's four layout changes
-    "tp2_from_dp2_zero2": Run(2, tensor=2, resume_from="dp2_zero2", fresh_data=True),
-    "dp4_zero1_from_tp2_pp2_zero1": Run(4, zero_stage=1, resume_from="tp2_pp2_zero1", fresh_data=True),
+    "tp2_from_dp2_zero2": Run(2, tensor=2, resume_from="dp2_zero2"),
+    "dp4_zero1_from_tp2_pp2_zero1": Run(4, zero_stage=1, resume_from="tp2_pp2_zero1"),
     "single_from_pp2": Run(1, resume_from="pp2", phase="last"),
-    "dp2_zero3_from_single": Run(2, zero_stage=3, resume_from="single", fresh_data=True),
+    "dp2_zero3_from_single": Run(2, zero_stage=3, resume_from="single"),
     # and into a pipeline (DP=1 on both sides: the data stream continues)
     "tp2_pp2_zero1_from_single": Run(4, tensor=2, pipeline=2, zero_stage=1, resume_from="single"),
 }
@@ -139,14 +135,12 @@ def snapshot(trainer) -> tuple[dict, dict]:
     return numbers, tensors
 
 
-def record_resume(trainer, fresh_data: bool) -> dict:
+def record_resume(trainer) -> dict:
     """Make the trainer's resume also take a snapshot right after it (returned dict, filled then)."""
     resumed = {}
     resume = trainer.resume
 
     def resume_and_record():
-        if fresh_data:
-            trainer.train_loader.load_state_dict = lambda state: None
         resume()
         resumed["numbers"], resumed["tensors"] = snapshot(trainer)
 
@@ -165,7 +159,7 @@ def run_one(name: str, out: Path, shard_dir: str) -> None:
         dist.barrier()
     cfg = run_config(name, out, shard_dir)
     trainer = emulated_dp_trainer(cfg, run.emulated_dp) if run.emulated_dp > 1 else Trainer(cfg)
-    resumed = record_resume(trainer, run.fresh_data) if run.resume_from else {}
+    resumed = record_resume(trainer) if run.resume_from else {}
     state = trainer.fit()
     numbers, tensors = snapshot(trainer)
     if trainer.topo.rank == 0:
