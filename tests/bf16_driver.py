@@ -1,0 +1,89 @@
+"""bf16 numerics with DeepSpeed as esolm-train configures it, on CPU + gloo; launched by tests/test_bf16.py.
+
+    torchrun --standalone --nproc_per_node 2 tests/bf16_driver.py accumulation OUT --zero-stage 1
+
+``accumulation``: one optimizer step (SGD, lr 1, no clipping) of a one-tensor model over A = 64
+micro-batches per DP rank, built by esolm_dist.parallel.engine.deepspeed_config. The model's loss
+is ``(w * c).sum()``, so a micro-batch's gradient is exactly its ``c``: 1 for micro-batch 0 of DP
+rank 0, 2^-10 for every other. In bf16 (8 significant bits) 1 + 2^-10 rounds back to 1, so a bf16
+accumulator or a bf16 DP reduction loses all the small gradients; in fp32 the step's mean gradient is
+(1 + (A * DP - 1) * 2^-10) / (A * DP). Rank 0 writes the fp32 master after the step (read with
+DeepSpeed's own ``safe_get_full_fp32_param``) to OUT/accumulation_zero<stage>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+MICRO_BATCHES = 64
+SMALL = 2.0 ** -10
+SIZE = 8
+
+
+class Linear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(SIZE))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return (self.w * c).sum()
+
+
+def accumulation(out: Path, zero_stage: int) -> None:
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from esolm_dist.config import load_config
+    from esolm_dist.parallel.engine import MegatronMPU, deepspeed_config, quiet_deepspeed
+    from esolm_dist.parallel.state import init_parallel
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = load_config(None, ["parallel.precision=bf16", f"parallel.zero_stage={zero_stage}", "parallel.device=cpu",
+                             "train.micro_batch_size=4", f"train.global_batch_size={4 * MICRO_BATCHES * world}",
+                             "optim.grad_clip=0"])
+    topo = init_parallel(cfg.parallel)
+    quiet_deepspeed()
+    module = Linear()
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, topo.dp_size, topo.device),
+                                           mpu=MegatronMPU(), dist_init_required=False)
+    for micro in range(MICRO_BATCHES):
+        value = 1.0 if (micro == 0 and topo.dp_rank == 0) else SMALL
+        loss = engine(torch.full((SIZE,), value, dtype=torch.bfloat16))
+        engine.backward(loss)
+        engine.step()
+    master = safe_get_full_fp32_param(engine.module.w)
+    if master is None:  # no fp32 master (DeepSpeed's bf16 ZeRO-0): the module's own weights
+        master = engine.module.w.detach()
+    if dist.get_rank() == 0:
+        (out / f"accumulation_zero{zero_stage}.json").write_text(json.dumps({
+            "master": master.float().tolist(), "dp_size": topo.dp_size, "micro_batches": MICRO_BATCHES,
+            "optimizer": type(engine.optimizer).__name__}))
+    engine.destroy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["accumulation"])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--zero-stage", type=int, required=True)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    accumulation(args.out, args.zero_stage)
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
