@@ -84,26 +84,46 @@ def _zero3_weights(directory: Path, tp_rank: int) -> dict[str, torch.Tensor]:
     return {name: v for k, v in weights.items() if (name := network_name(k, False, 0))}
 
 
+def _ema_states(directory: Path, ranks: list[int]) -> list[dict]:
+    states = [_load(directory / f"rank_{rank:05d}.pt").get("ema") for rank in ranks]
+    if any(state is None for state in states):
+        raise CheckpointError(f"{directory} has no EMA weights (optim.ema was 0); export without --ema")
+    return states
+
+
+def _assemble_slices(states: list[dict], key: str) -> torch.Tensor:
+    """One TP-local tensor from the DP ranks' flat EMA slices (esolm_dist.ema: ``slices`` = start, shape)."""
+    _, shape = states[0]["slices"][key]
+    flat = torch.zeros(torch.Size(shape).numel(), dtype=torch.float32)
+    covered = 0
+    for state in states:
+        start, _ = state["slices"][key]
+        piece = state["shadow"][key].float().reshape(-1)
+        flat[start: start + piece.numel()] = piece
+        covered += piece.numel()
+    if covered != flat.numel():
+        raise CheckpointError(f"the EMA slices of {key} cover {covered} of {flat.numel()} entries; the checkpoint's "
+                              "rank_*.pt files are incomplete: export an earlier step")
+    return flat.view(shape)
+
+
 def _ema_weights(directory: Path, tp_rank: int, layout: dict, num_layers: int,
                  zero3_shapes: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
-    """EMA shadows of DP replica 0 (megatron rank order: TP fastest, then DP, then PP); under ZeRO-3
-    each DP rank holds one partition of every shadow."""
-    if zero3_shapes is not None:
-        states = [_load(directory / f"rank_{tp_rank + layout['tensor'] * dp:05d}.pt").get("ema")
-                  for dp in range(layout["data"])]
-        if states[0] is None:
-            raise CheckpointError(f"{directory} has no EMA weights (optim.ema was 0); export without --ema")
-        names = {key: network_name(key, False, num_layers) for key in states[0]["shadow"]}
-        return {name: unpartition_zero3([s["shadow"][key] for s in states], zero3_shapes[name])
-                for key, name in names.items()}
+    """EMA weights of TP rank ``tp_rank`` (megatron rank order: TP fastest, then DP, then PP): each DP
+    rank of a stage holds one flat slice of every tensor. Checkpoints written before the EMA was
+    partitioned hold whole shadows per DP replica (ZeRO-3: one partition per DP rank)."""
     weights = {}
+    tp, dp = layout["tensor"], layout["data"]
     for stage in range(layout["pipeline"]):
-        rank = tp_rank + layout["tensor"] * layout["data"] * stage
-        state = _load(directory / f"rank_{rank:05d}.pt").get("ema")
-        if state is None:
-            raise CheckpointError(f"{directory} has no EMA weights (optim.ema was 0); export without --ema")
-        for key, tensor in state["shadow"].items():
-            weights[network_name(key, layout["pipeline"] > 1, num_layers)] = tensor
+        states = _ema_states(directory, [tp_rank + tp * d + tp * dp * stage for d in range(dp)])
+        for key in states[0]["shadow"]:
+            name = network_name(key, layout["pipeline"] > 1, num_layers)
+            if "slices" in states[0]:
+                weights[name] = _assemble_slices(states, key)
+            elif zero3_shapes is not None:
+                weights[name] = unpartition_zero3([s["shadow"][key] for s in states], zero3_shapes[name])
+            else:
+                weights[name] = states[0]["shadow"][key]
     return weights
 
 

@@ -9,6 +9,11 @@ rank 0, 2^-10 for every other. In bf16 (8 significant bits) 1 + 2^-10 rounds bac
 accumulator or a bf16 DP reduction loses all the small gradients; in fp32 the step's mean gradient is
 (1 + (A * DP - 1) * 2^-10) / (A * DP). Rank 0 writes the fp32 master after the step (read with
 DeepSpeed's own ``safe_get_full_fp32_param``) to OUT/accumulation_zero<stage>.json.
+
+``ema``: a tiny Eso-LM trained for a few steps (Trainer.fit, bf16 unless --fp32) with EMA 0.9. After
+every step the fp32 master weights are read with DeepSpeed's helpers and an EMA is computed from them
+here by hand, next to one computed from the bf16 module weights; rank 0 writes both, the trainer's
+own consolidated EMA, each rank's EMA bytes and the parameter count to OUT/ema_zero<stage>.pt.
 """
 
 from __future__ import annotations
@@ -73,14 +78,72 @@ def accumulation(out: Path, zero_stage: int) -> None:
     engine.destroy()
 
 
+STEPS = 3
+DECAY = 0.9
+
+
+def ema(out: Path, zero_stage: int, shard_dir: str, precision: str) -> None:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from esolm_dist.config import load_config
+    from esolm_dist.parallel.consolidate import full_ema_state_dict
+    from esolm_dist.train import Trainer
+    from esolm_dist.weight_layout import network_parameters
+
+    def master(module) -> dict[str, torch.Tensor]:
+        """The fp32 master of every parameter, whole (collective), or the module's own fp32 weights."""
+        out = {}
+        for _, name, param in network_parameters(module):
+            full = safe_get_full_fp32_param(param)
+            out[name] = (full if full is not None else param.detach()).float().cpu().clone()
+        return out
+
+    def module_copy(module) -> dict[str, torch.Tensor]:
+        return {name: param.detach().float().cpu().clone() for _, name, param in network_parameters(module)}
+
+    class Recording(Trainer):
+        def train_step(self, batches):
+            parts = super().train_step(batches)
+            for kind, weights in (("master", master(self.engine.module)), ("bf16", module_copy(self.engine.module))):
+                for name, value in weights.items():
+                    hand[kind][name] = DECAY * hand[kind][name] + (1 - DECAY) * value
+            return parts
+
+    run_dir = out / f"ema_zero{zero_stage}_{precision}"
+    cfg = load_config(None, [
+        f"train.run_dir={run_dir}", f"data.shard_dir={shard_dir}", f"logging.mlflow_uri=sqlite:///{run_dir}/m.db",
+        "model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.seq_len=32",
+        "train.micro_batch_size=4", "train.global_batch_size=16", f"train.max_steps={STEPS}", "train.log_every=1",
+        f"train.eval_every={STEPS}", "train.eval_batches=1", f"train.save_every={STEPS}", "logging.samples=0",
+        "optim.warmup_steps=1", "optim.lr=1e-2", f"optim.ema={DECAY}", "optim.grad_clip=1.0",
+        f"parallel.zero_stage={zero_stage}", f"parallel.precision={precision}", "parallel.device=cpu"])
+    trainer = Recording(cfg)
+    start = master(trainer.engine.module)
+    hand = {"master": dict(start), "bf16": module_copy(trainer.engine.module)}
+    trainer.fit()
+    got = full_ema_state_dict(trainer.ema, trainer.engine.module, trainer.topo)
+    nbytes = [None] * dist.get_world_size()
+    dist.all_gather_object(nbytes, trainer.ema.nbytes())
+    if dist.get_rank() == 0:
+        torch.save({"ema": got, "from_master": hand["master"], "from_bf16": hand["bf16"], "initial": start,
+                    "ema_bytes_per_rank": nbytes, "numel": sum(t.numel() for t in start.values()),
+                    "checkpoint": str(run_dir / "checkpoints" / "latest")}, out / f"ema_zero{zero_stage}.pt")
+    trainer.engine.destroy()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["accumulation"])
+    parser.add_argument("mode", choices=["accumulation", "ema"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--zero-stage", type=int, required=True)
+    parser.add_argument("--shard-dir", help="ema: token shards (built from the bundled corpus if missing)")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    accumulation(args.out, args.zero_stage)
+    if args.mode == "accumulation":
+        accumulation(args.out, args.zero_stage)
+    else:
+        ema(args.out, args.zero_stage, args.shard_dir, args.precision)
     dist.barrier()
     return 0
 
