@@ -3,7 +3,7 @@ read offline on one process: the export tool, warm starts and the GPU check read
 
 The DeepSpeed model files of every tensor-parallel rank are renamed to network names and merged
 along each weight's partition dimension (esolm_dist.weight_layout); ZeRO-3 weights come from the
-optimizer partitions.
+optimizer partitions, and so do the live weights of a bf16 run (its module files hold the bf16 copy).
 """
 
 from __future__ import annotations
@@ -57,6 +57,39 @@ def _live_weights(directory: Path, tp_rank: int, pp: int, num_layers: int) -> di
     for layer in range(num_layers + 2):  # embedding, blocks, head: one file per layer and TP rank
         state = _load(directory / f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt")
         weights.update({network_name(f"{layer}.{k}", True, num_layers): v for k, v in _tensors(state).items()})
+    return weights
+
+
+def _master_weights(directory: Path, tp_rank: int, layout: dict, num_layers: int,
+                    live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fp32 master of a bf16 ZeRO-1/2 run (the module files hold its bf16 copy): each DP rank's
+    DeepSpeed optimizer file (named in its rank_*.pt) holds one flat fp32 partition and DeepSpeed's
+    ``param_slice_mappings``, where in it each parameter's fragment lies; a parameter's fragments on
+    DP ranks 0, 1, ... are consecutive pieces of it. Shapes and names come from the module files."""
+    tp, dp, pipelined = layout["tensor"], layout["data"], layout["pipeline"] > 1
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for stage in range(layout["pipeline"]):
+        for d in range(dp):
+            rank_file = directory / f"rank_{tp_rank + tp * d + tp * dp * stage:05d}.pt"
+            name = _load(rank_file).get("optimizer_file")
+            if name is None:
+                raise CheckpointError(f"{rank_file} does not name its optimizer file (written before esolm-dist "
+                                      "recorded it): this bf16 checkpoint's fp32 master cannot be found; export "
+                                      "with --dtype bf16")
+            state = _load(directory / name)["optimizer_state_dict"]
+            for flat, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"],
+                                     strict=True):
+                for key, address in mapping.items():
+                    piece = flat.narrow(0, address.start, address.numel).float()
+                    pieces.setdefault(network_name(key, pipelined, num_layers), []).append(piece)
+    weights = {}
+    for name, reference in live.items():
+        flat = torch.cat(pieces.get(name, []))
+        if flat.numel() != reference.numel():
+            raise CheckpointError(f"{directory}: the optimizer files hold {flat.numel()} of the {reference.numel()} "
+                                  f"fp32 master entries of {name}; the checkpoint is incomplete: export an earlier "
+                                  "step")
+        weights[name] = flat.view(reference.shape)
     return weights
 
 
@@ -132,15 +165,20 @@ def read_checkpoint_weights(directory: Path, use_ema: bool) -> tuple[dict, dict[
     meta = read_meta(directory)
     layout, zero_stage = meta["layout"], meta["config"]["parallel"]["zero_stage"]
     num_layers = meta["config"]["model"]["num_layers"]
+    bf16 = meta["config"]["parallel"].get("precision") == "bf16"  # live weights: the fp32 master, not the module's
     shards = []
     for tp_rank in tqdm(range(layout["tensor"]), desc="reading tensor-parallel ranks", disable=layout["tensor"] < 2):
         if zero_stage == 3:
             live = _zero3_weights(directory, tp_rank)
             shapes = {name: tensor.shape for name, tensor in live.items()}
             shards.append(_ema_weights(directory, tp_rank, layout, num_layers, shapes) if use_ema else live)
+        elif use_ema:
+            shards.append(_ema_weights(directory, tp_rank, layout, num_layers))
         else:
-            shards.append(_ema_weights(directory, tp_rank, layout, num_layers) if use_ema
-                          else _live_weights(directory, tp_rank, layout["pipeline"], num_layers))
+            live = _live_weights(directory, tp_rank, layout["pipeline"], num_layers)
+            if bf16 and zero_stage > 0:
+                live = _master_weights(directory, tp_rank, layout, num_layers, live)
+            shards.append(live)
     try:
         return meta, merge_tensor_parallel(shards)
     except KeyError as missing:

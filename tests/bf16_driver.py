@@ -86,7 +86,7 @@ def ema(out: Path, zero_stage: int, shard_dir: str, precision: str) -> None:
     from deepspeed.utils import safe_get_full_fp32_param
 
     from esolm_dist.config import load_config
-    from esolm_dist.parallel.consolidate import full_ema_state_dict
+    from esolm_dist.parallel.consolidate import full_ema_state_dict, full_state_dict
     from esolm_dist.train import Trainer
     from esolm_dist.weight_layout import network_parameters
 
@@ -98,13 +98,10 @@ def ema(out: Path, zero_stage: int, shard_dir: str, precision: str) -> None:
             out[name] = (full if full is not None else param.detach()).float().cpu().clone()
         return out
 
-    def module_copy(module) -> dict[str, torch.Tensor]:
-        return {name: param.detach().float().cpu().clone() for _, name, param in network_parameters(module)}
-
     class Recording(Trainer):
         def train_step(self, batches):
             parts = super().train_step(batches)
-            for kind, weights in (("master", master(self.engine.module)), ("bf16", module_copy(self.engine.module))):
+            for kind, weights in (("master", master(self.engine.module)), ("bf16", full_state_dict(self.engine.module, self.topo))):
                 for name, value in weights.items():
                     hand[kind][name] = DECAY * hand[kind][name] + (1 - DECAY) * value
             return parts
@@ -119,13 +116,15 @@ def ema(out: Path, zero_stage: int, shard_dir: str, precision: str) -> None:
         f"parallel.zero_stage={zero_stage}", f"parallel.precision={precision}", "parallel.device=cpu"])
     trainer = Recording(cfg)
     start = master(trainer.engine.module)
-    hand = {"master": dict(start), "bf16": module_copy(trainer.engine.module)}
+    hand = {"master": dict(start), "bf16": full_state_dict(trainer.engine.module, trainer.topo)}
     trainer.fit()
+    final_master = master(trainer.engine.module)
     got = full_ema_state_dict(trainer.ema, trainer.engine.module, trainer.topo)
     nbytes = [None] * dist.get_world_size()
     dist.all_gather_object(nbytes, trainer.ema.nbytes())
     if dist.get_rank() == 0:
         torch.save({"ema": got, "from_master": hand["master"], "from_bf16": hand["bf16"], "initial": start,
+                    "final_master": final_master,
                     "ema_bytes_per_rank": nbytes, "numel": sum(t.numel() for t in start.values()),
                     "checkpoint": str(run_dir / "checkpoints" / "latest")}, out / f"ema_zero{zero_stage}.pt")
     trainer.engine.destroy()
