@@ -44,7 +44,34 @@ class Linear(nn.Module):
         return (self.w * c).sum()
 
 
-def accumulation(out: Path, zero_stage: int) -> None:
+class Scale(nn.Module):
+    """Pipeline stage: x * w (w = 0 on stage 0, 1 on stage 1), so the loss sum(x * w0 * w1) gives w0 the gradient x."""
+
+    def __init__(self, start: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.full((SIZE,), start))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def pipeline_engine(cfg, topo, optimizer_for):
+    """The same one-tensor model as two pipeline stages (DeepSpeed's PipelineModule, our rank order)."""
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from esolm_dist.parallel.engine import deepspeed_config
+
+    module = PipelineModule([Scale(0.0), Scale(1.0)], loss_fn=lambda out, _: out.sum(),
+                            topology=PipeModelDataParallelTopology(num_pp=2, num_mp=1, num_dp=topo.dp_size))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer_for(module),
+                                           config=deepspeed_config(cfg, topo.dp_size, topo.device),
+                                           dist_init_required=False)
+    return engine
+
+
+def accumulation(out: Path, zero_stage: int, pipeline: bool = False) -> None:
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -53,11 +80,25 @@ def accumulation(out: Path, zero_stage: int) -> None:
     from esolm_dist.parallel.state import init_parallel
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    stages = 2 if pipeline else 1
     cfg = load_config(None, ["parallel.precision=bf16", f"parallel.zero_stage={zero_stage}", "parallel.device=cpu",
-                             "train.micro_batch_size=4", f"train.global_batch_size={4 * MICRO_BATCHES * world}",
-                             "optim.grad_clip=0"])
+                             f"parallel.pipeline={stages}", "model.num_layers=2", "train.micro_batch_size=4",
+                             f"train.global_batch_size={4 * MICRO_BATCHES * world // stages}", "optim.grad_clip=0"])
     topo = init_parallel(cfg.parallel)
     quiet_deepspeed()
+    if pipeline:
+        engine = pipeline_engine(cfg, topo, lambda m: torch.optim.SGD(m.parameters(), lr=1.0))
+        values = (1.0 if (micro == 0 and topo.dp_rank == 0) else SMALL for micro in range(MICRO_BATCHES))
+        engine.train_batch(data_iter=((torch.full((SIZE,), v, dtype=torch.bfloat16), torch.zeros(1))
+                                      for v in values))
+        # stage 0's weight took the step (reading its master is collective over stage 0's DP group)
+        master = safe_get_full_fp32_param(engine.module.forward_funcs[0].w) if topo.pp_rank == 0 else None
+        if master is not None and topo.dp_rank == 0:
+            (out / f"accumulation_zero{zero_stage}_pipeline.json").write_text(json.dumps({
+                "master": master.float().tolist(), "dp_size": topo.dp_size, "micro_batches": MICRO_BATCHES,
+                "optimizer": type(engine.optimizer).__name__}))
+        engine.destroy()
+        return
     module = Linear()
     optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
@@ -137,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-stage", type=int, required=True)
     parser.add_argument("--shard-dir", help="ema: token shards (built from the bundled corpus if missing)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--pipeline", action="store_true", help="accumulation: two pipeline stages")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "accumulation":
-        accumulation(args.out, args.zero_stage)
+        accumulation(args.out, args.zero_stage, args.pipeline)
     else:
         ema(args.out, args.zero_stage, args.shard_dir, args.precision)
     dist.barrier()

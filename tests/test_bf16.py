@@ -34,10 +34,13 @@ def launch(mode: str, out: Path, *args: str, world_size: int = DP) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_gradients_accumulate_and_reduce_in_fp32(tmp_path, zero_stage):
-    launch("accumulation", tmp_path, "--zero-stage", str(zero_stage))
-    result = json.loads((tmp_path / f"accumulation_zero{zero_stage}.json").read_text())
+@pytest.mark.parametrize("zero_stage, pipeline", [(1, False), (2, False), (3, False), (1, True)])
+def test_gradients_accumulate_and_reduce_in_fp32(tmp_path, zero_stage, pipeline):
+    """ZeRO-1/2/3 at DP=2, and DeepSpeed's pipeline engine (2 stages x DP=2, ZeRO-1, as configs/1b.yaml)."""
+    launch("accumulation", tmp_path, "--zero-stage", str(zero_stage), *(["--pipeline"] if pipeline else []),
+           world_size=2 * DP if pipeline else DP)
+    name = f"accumulation_zero{zero_stage}{'_pipeline' if pipeline else ''}.json"
+    result = json.loads((tmp_path / name).read_text())
     count = MICRO_BATCHES * DP
     expected = -(1.0 + (count - 1) * SMALL) / count  # SGD, lr 1, from 0: minus the mean gradient
     assert result["dp_size"] == DP
