@@ -1,11 +1,12 @@
 """Checkpoint bytes and per-rank memory of text samples versus the data-parallel size (quickstart model, CPU).
 
-    python benchmarks/memory_by_dp.py [--dp 1 2 4] [--zero-stage 0] [--gather one|all] [--out FILE]
+    python benchmarks/memory_by_dp.py [--dp 1 2 4] [--zero-stage 0] [--gather one all] [--hidden-size 128]
 
 For each DP size, one torchrun launch (gloo, one thread per process) trains the quickstart model
 (configs/quickstart.yaml, global batch 32 so DP = 4 fits) for 2 steps with an evaluation, text
-samples (logging.samples = 2, at step 0 and step 2) and a save at step 2. Around every draw of
-samples each rank resets its peak RSS (/proc/self/clear_refs) and reads it afterwards (VmHWM):
+samples (logging.samples = 2, at step 0 and step 2) and a save at step 2. Before every draw of
+samples each rank returns freed heap memory to the OS (malloc_trim) and resets its peak RSS
+(/proc/self/clear_refs); after it, it reads the peak (VmHWM):
 the peak of the sample evaluation alone, and how far it rose above the RSS before it.
 ``--gather all`` replays the earlier behaviour (every rank consolidates the full fp32 model, the
 logging rank samples) for a before/after comparison.
@@ -18,6 +19,7 @@ The checkpoint is split into model files (DeepSpeed's *model_states.pt), optimiz
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -37,7 +39,7 @@ def _kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def worker(run_dir: Path, zero_stage: int, gather: str) -> None:
+def worker(run_dir: Path, zero_stage: int, gather: str, hidden: int) -> None:
     import torch.distributed as dist
 
     from esolm_dist.callbacks import samples
@@ -54,7 +56,11 @@ def worker(run_dir: Path, zero_stage: int, gather: str) -> None:
     draws = []
     original = samples.TextSamples.draw
 
+    libc = ctypes.CDLL("libc.so.6")
+
     def measured(self, trainer):
+        # hand freed heap pages back first (training's activations), so what the draw allocates shows in RSS
+        libc.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         before = _kib("VmRSS")
         original(self, trainer)
@@ -65,11 +71,12 @@ def worker(run_dir: Path, zero_stage: int, gather: str) -> None:
         f"train.run_dir={run_dir}", f"data.shard_dir={ROOT / '.cache/shards/quickstart'}", "parallel.device=cpu",
         f"parallel.zero_stage={zero_stage}", "train.global_batch_size=32", "train.max_steps=2",
         "train.eval_every=2", "train.eval_batches=1", "train.save_every=2", "train.log_every=1",
-        "logging.samples=2", f"logging.mlflow_uri=sqlite:///{run_dir}/mlflow.db", "train.resume=false"])
+        "logging.samples=2", f"model.hidden_size={hidden}", f"logging.mlflow_uri=sqlite:///{run_dir}/mlflow.db", "train.resume=false"])
     trainer = Trainer(cfg)
     trainer.fit()
     per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, {"rank": dist.get_rank(), "draws": draws, "ema_bytes": trainer.ema.nbytes()})
+    ema_bytes = sum(t.numel() * t.element_size() for t in trainer.ema.shadow.values())
+    dist.all_gather_object(per_rank, {"rank": dist.get_rank(), "draws": draws, "ema_bytes": ema_bytes})
     if dist.get_rank() == 0:
         (run_dir / "memory.json").write_text(json.dumps(per_rank))
 
@@ -94,11 +101,12 @@ def checkpoint_bytes(step_dir: Path) -> dict[str, int]:
     return split
 
 
-def launch(dp: int, zero_stage: int, gather: str, scratch: Path) -> dict:
+def launch(dp: int, zero_stage: int, gather: str, hidden: int, scratch: Path) -> dict:
     run_dir = scratch / f"dp{dp}_{gather}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(dp),
-               __file__, "--worker", str(run_dir), "--zero-stage", str(zero_stage), "--gather", gather]
+               __file__, "--worker", str(run_dir), "--zero-stage", str(zero_stage), "--gather", gather,
+               "--hidden-size", str(hidden)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
         raise SystemExit(f"DP={dp} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
@@ -131,14 +139,15 @@ def main() -> int:
     parser.add_argument("--dp", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--gather", choices=["one", "all"], nargs="+", default=["one"])
+    parser.add_argument("--hidden-size", type=int, default=128, help="model.hidden_size (the quickstart's: 128)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.zero_stage, args.gather[0])
+        worker(args.worker, args.zero_stage, args.gather[0], args.hidden_size)
         return 0
     with tempfile.TemporaryDirectory() as scratch:
-        results = [launch(dp, args.zero_stage, gather, Path(scratch)) for gather in args.gather for dp in args.dp]
+        results = [launch(dp, args.zero_stage, gather, args.hidden_size, Path(scratch)) for gather in args.gather for dp in args.dp]
     print(table(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
