@@ -100,7 +100,8 @@ class ClipBeforeStep:
 # ZeRO stage then does (tests/test_bf16.py checks every one against a sum computed by hand):
 # - ZeRO-1 (no offload, also under pipeline parallelism): DeepSpeed's BF16_Optimizer, fp32 master partitions
 #   and one fp32 gradient buffer per parameter, accumulated per micro-batch, all-reduced over DP in fp32;
-# - ZeRO-1 + cpu_offload, ZeRO-2: stage_1_and_2 with fp32 accumulation buffers, reduced in fp32;
+# - ZeRO-2: stage_1_and_2 with fp32 partitioned accumulation buffers, reduced in fp32 (ZeRO-1 + cpu_offload
+#   takes the same optimizer; not measured: CPU Adam is not built in the tests);
 # - ZeRO-3: fp32 partitioned gradients, reduce-scattered in fp32;
 # - ZeRO-0 is refused by the config (DeepSpeed's bf16 ZeRO-0 keeps no fp32 master at all).
 BF16_NUMERICS = {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
