@@ -3,7 +3,8 @@
 Layout of ``RUN_DIR/checkpoints``::
 
     step_00000200/            DeepSpeed model + optimizer (ZeRO partitions) files
-        rank_00000.pt         this rank's RNG states, data-reader state, EMA shard (tensors and plain data)
+        rank_00000.pt         this rank's RNG states, data-reader state, EMA slice, the name of its
+                              DeepSpeed optimizer file (tensors and plain data)
         esolm.json            step, consumed samples, layout, config, MLflow run id, run uid
     latest                    "step_00000200", replaced atomically after a complete save
 
@@ -128,6 +129,8 @@ def save(engine, run_dir: str | Path, step: int, meta: dict, rank_state: dict, t
     partial_tag = tag_for(step) + ".partial"
     engine.save_checkpoint(str(root), tag=partial_tag, save_latest=False)
     partial = root / partial_tag
+    if hasattr(engine.optimizer, "dp_process_group"):  # ZeRO-1/2/3, BF16_Optimizer: its fp32 master is in this file
+        rank_state = {**rank_state, "optimizer_file": Path(engine._get_zero_ckpt_name(str(root), partial_tag)).name}
     rank_tmp = _rank_file(partial, topo.rank).with_suffix(".tmp")
     torch.save({**rank_state, "optimizer_parameters": optimizer_parameter_names(engine.module)}, rank_tmp)
     os.replace(rank_tmp, _rank_file(partial, topo.rank))

@@ -171,7 +171,7 @@ class Trainer:
     def _load_initial_weights(self) -> None:
         from esolm_dist.warm_start import load_source_weights, read_source_weights
 
-        source = read_source_weights(self.cfg.train.init_from)
+        source = read_source_weights(self.cfg.train.init_from, self.cfg.train.run_dir)
         load_source_weights(self.network, source, self.cfg.model.num_layers, self.tokenizer.vocab_size, self.mask_id)
         self.say(f"esolm-train: weights from the {source.description}; step, optimizer and data start afresh")
 

@@ -163,7 +163,12 @@ class InterleavedLoader:
 
 
 def run_layout(name: str, out: Path, shard_dir: str) -> None:
-    from esolm_dist.parallel.consolidate import full_ema_state_dict, full_state_dict
+    from esolm_dist.parallel.consolidate import (
+        full_ema_state_dict,
+        full_state_dict,
+        full_state_dict_on,
+        logging_rank,
+    )
     from esolm_dist.parallel.state import reset_model_parallel
     from esolm_dist.train import Trainer
 
@@ -175,6 +180,12 @@ def run_layout(name: str, out: Path, shard_dir: str) -> None:
     state = trainer.fit()
     params = full_state_dict(trainer.engine.module, topo)
     ema = full_ema_state_dict(trainer.ema, trainer.engine.module, topo)
+    # text samples gather the weights to the logging rank alone: who got them, and are they these
+    on_logging = full_state_dict_on(trainer.engine.module, topo, logging_rank(topo))
+    gathered = (on_logging is not None, on_logging is not None and on_logging.keys() == params.keys()
+                and all(torch.equal(on_logging[n], params[n]) for n in params))
+    gathered_by_rank = [None] * topo.world_size
+    dist.all_gather_object(gathered_by_rank, gathered)
     # every rank must hold the same full weights: compare a fingerprint of each
     fingerprint = [float(sum(t.double().sum() + t.double().square().sum() for t in d.values()))
                    for d in (params, ema)]
@@ -187,6 +198,7 @@ def run_layout(name: str, out: Path, shard_dir: str) -> None:
                   "loss": [h["train/loss"] for h in steps], "grad_norm": [h["train/grad_norm"] for h in steps],
                   "lr": [h["train/lr"] for h in steps],
                   "same_weights_on_all_ranks": all(f == fingerprints[0] for f in fingerprints),
+                  "logging_rank": logging_rank(topo), "gathered_by_rank": gathered_by_rank,
                   "mlflow_run_id": state.mlflow_run_id}
         torch.save({"params": params, "ema": ema, "initial": initial}, out / f"{name}.pt")
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))

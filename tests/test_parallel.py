@@ -130,6 +130,19 @@ def test_init_from_a_checkpoint_starts_from_its_weights_in_any_layout(results, l
     assert got["mlflow_run_id"] != load(out, "single")[0]["mlflow_run_id"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["single", "tp2", "pp2", "dp2_zero1", "dp2_zero3", "tp2_dp2_zero1", "tp2_pp2_zero1"])
+def test_sample_weights_are_gathered_to_the_logging_rank_only(results, layout):
+    """consolidate.full_state_dict_on (text samples at evaluation): the logging rank (TP 0, DP 0, last
+    stage) receives the full weights, equal to full_state_dict's; every other rank gets None."""
+    out, launches = results
+    assert launches[LAYOUTS[layout].world_size][0] == 0
+    got, _ = load(out, layout)
+    for rank, (holds, equal) in enumerate(got["gathered_by_rank"]):
+        assert holds == (rank == got["logging_rank"]), f"{layout}: rank {rank} holds the gathered weights: {holds}"
+        assert equal == holds, f"{layout}: rank {rank} gathered other weights than full_state_dict"
+
+
 # ---- layouts that must fail at start-up, with one line that says why ------------------------------
 def run_main(monkeypatch, capsys, world_size: int, *overrides: str) -> tuple[int, str]:
     from esolm_dist import train

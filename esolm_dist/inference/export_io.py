@@ -204,6 +204,14 @@ class Export:
 def read_export(export_dir: str | os.PathLike) -> Export:
     """Load and validate an export folder; raise ExportError (one line) on any problem."""
     root = Path(export_dir)
+    config, tokenizer = read_export_metadata(root)
+    return Export(root, config, _read_weights(root / WEIGHTS_FILE, config), tokenizer)
+
+
+def read_export_metadata(export_dir: str | os.PathLike) -> tuple[ExportConfig, Tokenizer]:
+    """An export folder's config and tokenizer, validated, without reading its weights (a warm start
+    reads each rank's slice of model.safetensors itself)."""
+    root = Path(export_dir)
     if not root.is_dir():
         raise ExportError(f"{root}: not a directory; pass the export folder written by esolm-convert")
     for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, CARD_FILE):
@@ -211,9 +219,7 @@ def read_export(export_dir: str | os.PathLike) -> Export:
             raise ExportError(f"{root / name}: missing file; {_REGENERATE} (an export holds "
                               f"{WEIGHTS_FILE}, {CONFIG_FILE}, {TOKENIZER_FILE}, {CARD_FILE})")
     config = _read_config(root / CONFIG_FILE)
-    state_dict = _read_weights(root / WEIGHTS_FILE, config)
-    tokenizer = _read_tokenizer(root / TOKENIZER_FILE, config)
-    return Export(root, config, state_dict, tokenizer)
+    return config, _read_tokenizer(root / TOKENIZER_FILE, config)
 
 
 def _read_config(path: Path) -> ExportConfig:

@@ -98,6 +98,18 @@ class ClipBeforeStep:
         return float(self.norm) if self.norm is not None else float("nan")
 
 
+# bf16 training keeps fp32 master weights and accumulates and reduces gradients in fp32 (DeepSpeed 0.19.8
+# defaults to accumulating in the model's bf16: a gradient below 2^-8 of the running sum is lost). What each
+# ZeRO stage then does (tests/test_bf16.py checks every one against a sum computed by hand):
+# - ZeRO-1 (no offload, also under pipeline parallelism): DeepSpeed's BF16_Optimizer, fp32 master partitions
+#   and one fp32 gradient buffer per parameter, accumulated per micro-batch, all-reduced over DP in fp32;
+# - ZeRO-2: stage_1_and_2 with fp32 partitioned accumulation buffers, reduced in fp32 (ZeRO-1 + cpu_offload
+#   takes the same optimizer; not measured: CPU Adam is not built in the tests);
+# - ZeRO-3: fp32 partitioned gradients, reduce-scattered in fp32;
+# - ZeRO-0 is refused by the config (DeepSpeed's bf16 ZeRO-0 keeps no fp32 master at all).
+BF16_NUMERICS = {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+
+
 def deepspeed_config(cfg: RunConfig, dp_size: int, device: torch.device) -> dict:
     """The DeepSpeed JSON for this run (batch sizes are per DP replica and global)."""
     t, p = cfg.train, cfg.parallel
@@ -114,6 +126,7 @@ def deepspeed_config(cfg: RunConfig, dp_size: int, device: torch.device) -> dict
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": p.precision == "bf16"},
+        **(BF16_NUMERICS if p.precision == "bf16" else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
