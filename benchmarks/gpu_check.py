@@ -15,8 +15,9 @@ recorded with a one-line reason and the others still run:
   of configs/1b.yaml's width with fewer layers, with and without activation checkpointing: step time,
   tokens/s, MFU and HFU (esolm_dist.flops), peak memory;
 - sampling: batch 1 at NFE ~ L (T = 10^6, top-p 1) at small.yaml's width with random weights, Eso-LM (B)
-  cached against the baselines esolm-sample has (AR cached; MDLM without cache, timed over its first steps
-  and extrapolated: each of its steps is the same full forward); batch-64 Eso-LM (B) throughput;
+  cached against the real baselines' samplers on the same architecture (AR: shift-by-one, cached; MDLM:
+  bidirectional without cache, timed over its first steps and extrapolated: each of its steps is the same
+  full forward); batch-64 Eso-LM (B) throughput;
 - export: one bf16 training step saved as a checkpoint, exported in bf16 (esolm_dist.convert), and the
   export's logits compared with the training network's on the device, both against an fp32 computation.
 """

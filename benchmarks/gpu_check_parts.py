@@ -355,7 +355,7 @@ def sampling_part(box: TimeBox, sizes: Sizes, ctx: Context) -> dict:
     return {"model": f"{w['num_layers']} x {w['hidden_size']}, {w['num_heads']} heads, V {w['vocab_size']}, "
                      f"random weights, {str(model.head.weight.dtype).removeprefix('torch.')}",
             "schedule": f"first-hitting, T = {NUM_STEPS}, top-p 1", "alpha0": ALPHA0,
-            "baselines": "what esolm-sample offers today (--method ar, mdlm); other baselines are still to come",
+            "baselines": "the real baselines' samplers (AR: shift-by-one, cached, one token per step; MDLM: bidirectional, no cache) on a network of the same width and depth; BD3-LM: benchmarks/sampling_speed.py",
             "cases": records, "ratios": ratios}
 
 

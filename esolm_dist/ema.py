@@ -24,10 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
-
-def local_shape(param: nn.Parameter) -> torch.Size:
-    """The shape of this TP rank's whole parameter (ZeRO-3 keeps it in ``ds_shape``)."""
-    return param.ds_shape if hasattr(param, "ds_shape") else param.shape
+from esolm_dist.weight_layout import local_shape
 
 
 def master_slice(param: nn.Parameter) -> tuple[int, torch.Tensor]:

@@ -86,7 +86,7 @@ def full_state_dict_on(engine_module: nn.Module, topo: Topology, dst: int) -> di
     by rank and concatenates each parameter's shards. A ZeRO-3 parameter is gathered over its DP group
     by every replica (DeepSpeed's gather is collective) and dropped at once where it is not sent.
     """
-    from esolm_dist.ema import local_shape
+    from esolm_dist.weight_layout import local_shape
 
     sending = topo.dp_rank == (dst // topo.tp_size) % topo.dp_size
     listing = None
