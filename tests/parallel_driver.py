@@ -169,7 +169,6 @@ def run_layout(name: str, out: Path, shard_dir: str) -> None:
         full_state_dict_on,
         logging_rank,
     )
-    from esolm_dist.parallel.state import reset_model_parallel
     from esolm_dist.train import Trainer
 
     layout = ALL_LAYOUTS[name]
@@ -203,8 +202,14 @@ def run_layout(name: str, out: Path, shard_dir: str) -> None:
         torch.save({"params": params, "ema": ema, "initial": initial}, out / f"{name}.pt")
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))
         print(f"parallel_driver: {name}: losses {result['loss']}", flush=True)
+    release(trainer)
+
+
+def release(trainer) -> None:
+    """Free a finished trainer's engine and megatron-core's groups, so the next layout starts clean."""
+    from esolm_dist.parallel.state import reset_model_parallel
+
     trainer.engine.destroy()
-    del trainer
     gc.collect()
     dist.barrier()
     reset_model_parallel()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parallel_driver import emulated_dp_trainer  # noqa: E402
+from parallel_driver import emulated_dp_trainer, release  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +148,6 @@ def record_resume(trainer) -> dict:
 
 
 def run_one(name: str, out: Path, shard_dir: str) -> None:
-    from esolm_dist.parallel.state import reset_model_parallel
     from esolm_dist.train import Trainer
 
     run = RUNS[name]
@@ -170,11 +168,7 @@ def run_one(name: str, out: Path, shard_dir: str) -> None:
         torch.save({"end": tensors, "resumed": resumed.get("tensors")}, out / f"{name}.pt")
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))
         print(f"resume_layouts_driver: {name}: steps {result['steps']} losses {result['loss']}", flush=True)
-    trainer.engine.destroy()
-    del trainer
-    gc.collect()
-    dist.barrier()
-    reset_model_parallel()
+    release(trainer)
 
 
 def main(argv: list[str] | None = None) -> int:
