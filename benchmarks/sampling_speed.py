@@ -57,7 +57,7 @@ def as_model_of(model: EsoLM, method: str, block_size: int = 16) -> EsoLM:
 
 
 def time_one_sample(model: EsoLM, method: str, length: int, seed: int, device: str,
-                    block_size: int) -> tuple[float, int]:
+                    block_size: int = 16) -> tuple[float, int]:
     """Wall time and NFE of one sample."""
     generator = torch.Generator(device=device).manual_seed(seed)
     result = sample(as_model_of(model, method, block_size), 1, length, method=method, alpha0=ALPHA0[method],
