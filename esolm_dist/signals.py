@@ -25,6 +25,11 @@ class StopRequest:
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
+    def stop_listening(self) -> None:
+        """After the loop: ignore further stop requests (SLURM's resent SIGUSR1). An ignored signal stays
+        ignored while Python shuts down, where a handled one is reset to its default, which kills."""
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
     def _handle(self, signum, _frame) -> None:
         self.received = signum
 

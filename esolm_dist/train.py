@@ -254,6 +254,7 @@ class Trainer:
             self.notify("on_failure")
             raise
         finally:
+            self.stop_request.stop_listening()
             self.run_lock.release()
 
     def _loop(self) -> TrainState:

@@ -275,3 +275,15 @@ def test_meter_windows_count_their_own_steps_and_training_seconds(monkeypatch):
     assert meter.take_window() == (1, 1.0)
     assert (meter.total_steps, meter.total_seconds) == (4, 4.0)
     assert meter.elapsed() == 14.0  # wall clock, the evaluation included
+
+
+def test_a_stop_signal_after_the_loop_cannot_kill_the_process_while_it_exits():
+    """Caught by the SLURM test under load: a resent SIGUSR1 landing while Python shuts down (CPython
+    resets the signals it handles to their default action, terminate, but leaves ignored ones ignored)
+    failed the job instead of requeueing it. After the loop the stop signal is ignored at the OS level."""
+    script = ("import os, signal\nfrom esolm_dist.signals import StopRequest\nrequest = StopRequest()\n"
+              "print(signal.getsignal(signal.SIGUSR1) == request._handle)\nrequest.stop_listening()\n"
+              "print(signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN)\nos.kill(os.getpid(), signal.SIGUSR1)\n"
+              "print(request.received)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.split() == ["True", "True", "None"], (proc.returncode, proc.stderr[-500:])
