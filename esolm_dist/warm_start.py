@@ -103,7 +103,7 @@ def load_source_weights(module: nn.Module, source: SourceWeights, num_layers: in
 
 
 def _load(module: nn.Module, source: SourceWeights, num_layers: int, tokenizer_vocab: int, mask_id: int) -> None:
-    from esolm_dist.weight_layout import _rename
+    from esolm_dist.weight_layout import rename
 
     if (source.tokenizer_vocab, source.mask_id) != (tokenizer_vocab, mask_id):
         raise CheckpointError(f"train.init_from: the {source.description} was trained with a tokenizer of "
@@ -111,7 +111,7 @@ def _load(module: nn.Module, source: SourceWeights, num_layers: int, tokenizer_v
                               f"{tokenizer_vocab} (mask id {mask_id}); set data.tokenizer to the source's")
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     with safe_open(str(source.path), framework="pt") as handle:
-        stored = {(_rename(key, to_export=False) if source.reference_layout else key): key for key in handle.keys()}
+        stored = {(rename(key, to_export=False) if source.reference_layout else key): key for key in handle.keys()}
         source_layers = len({name.split(".")[1] for name in stored if name and name.startswith("blocks.")})
         if source_layers != num_layers:
             raise CheckpointError(f"train.init_from: the {source.description} has {source_layers} layers, this run "
@@ -161,11 +161,11 @@ def read_tp_slice(stored, source: SourceWeights, name: str, param: nn.Parameter,
 def _qkv_rows(stored, source: SourceWeights, start: int, stop: int) -> torch.Tensor:
     """Megatron's QKV rows [start, stop) (whole heads, per head [q, k, v]) from an export's
     [all q; all k; all v] rows: three row ranges, regrouped."""
-    from esolm_dist.weight_layout import _reorder_qkv
+    from esolm_dist.weight_layout import reorder_qkv
 
     rows = stored.get_shape()[0] // 3  # rows of q (= of k = of v)
     first, last = start // 3, stop // 3  # the same heads' rows within each of q, k, v
     parts = [stored[part * rows + first: part * rows + last].float() for part in range(3)]
     source.elements_read += sum(p.numel() for p in parts)
     heads = (last - first) // (rows // source.num_heads)
-    return _reorder_qkv(torch.cat(parts), heads, to_export=False)
+    return reorder_qkv(torch.cat(parts), heads, to_export=False)

@@ -76,7 +76,7 @@ def network_parameters(module: nn.Module):
             yield name, network, param
 
 
-def _rename(name: str, to_export: bool) -> str | None:
+def rename(name: str, to_export: bool) -> str | None:
     """One tensor name in the other naming, or None when no rule covers it."""
     source, target = (0, 1) if to_export else (1, 0)
     parts = name.split(".")
@@ -90,7 +90,7 @@ def _rename(name: str, to_export: bool) -> str | None:
     return None
 
 
-def _reorder_qkv(tensor: torch.Tensor, num_heads: int, to_export: bool) -> torch.Tensor:
+def reorder_qkv(tensor: torch.Tensor, num_heads: int, to_export: bool) -> torch.Tensor:
     """Megatron's QKV rows are per head ([q, k, v] of head 0, then head 1, ...); the export's are
     [all q; all k; all v]. The same transpose goes either way, from the other grouping."""
     rows, hidden = tensor.shape
@@ -101,11 +101,11 @@ def _reorder_qkv(tensor: torch.Tensor, num_heads: int, to_export: bool) -> torch
 def _convert_layout(weights: dict[str, torch.Tensor], num_heads: int, to_export: bool) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in weights.items():
-        renamed = _rename(name, to_export)
+        renamed = rename(name, to_export)
         if renamed is None:
             where, error = ("checkpoint", CheckpointError) if to_export else ("export", ExportError)
             raise error(f"unexpected tensor {name} in the {where}; it was not written by this version of esolm-dist")
-        out[renamed] = _reorder_qkv(tensor, num_heads, to_export) if renamed.endswith("qkv.weight") else tensor
+        out[renamed] = reorder_qkv(tensor, num_heads, to_export) if renamed.endswith("qkv.weight") else tensor
     return out
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from esolm_dist.callbacks.base import Callback
 from esolm_dist.config import to_dict
+from esolm_dist.parallel.consolidate import logging_rank
 from esolm_dist.provenance import run_tags
 
 
@@ -60,8 +61,3 @@ class MlflowLogging(Callback):
     def _close(self, status: str) -> None:
         monitor, self.monitor = self.monitor, None
         monitor.close(status)
-
-
-def logging_rank(topo) -> int:
-    """Global rank of DP 0 / TP 0 on the last pipeline stage (megatron's order: TP fastest, then DP, then PP)."""
-    return topo.tp_size * topo.dp_size * (topo.pp_size - 1)
